@@ -1,0 +1,407 @@
+"""Embed an image once, then answer many point and box prompts.
+
+Coordinates are napari's ``(row, col)`` everywhere in this module's interface;
+they become SAM's ``(x, y)`` only inside
+:meth:`napari_cellseg.core.preprocess.ResizeTransform.rc_to_model_xy`.
+
+Examples
+--------
+>>> import numpy as np
+>>> from napari_cellseg.core.models import random_model
+>>> predictor = Predictor(random_model("vit_test"))
+>>> predictor.set_image(np.random.default_rng(0).random((40, 50)))
+>>> masks, scores = predictor.predict_boxes([[5, 5, 20, 30]])
+>>> masks.shape, scores.shape
+((1, 40, 50), (1,))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .preprocess import ResizeTransform, normalize_image, resize_to_model
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .models import LoadedModel
+
+
+def image_key(image: np.ndarray) -> str:
+    """A content hash of an image, for embedding caches (shape, dtype and bytes)."""
+    import xxhash
+
+    arr = np.ascontiguousarray(image)
+    h = xxhash.xxh3_128()
+    h.update(f"{arr.shape}{arr.dtype}".encode())
+    h.update(arr.data)
+    return h.hexdigest()
+
+
+@dataclass
+class Embedding:
+    """The image embedding of one image (or one window of it) for one model.
+
+    Attributes
+    ----------
+    features : torch.Tensor
+        ``(1, C, G, G)`` encoder output on the model's device.
+    transform : ResizeTransform
+        How the image was resized into the model input.
+    model_name : str
+    """
+
+    features: Any
+    transform: ResizeTransform
+    model_name: str
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        return self.transform.original_shape
+
+
+@dataclass
+class PromptResult:
+    """Masks answering one set of prompts.
+
+    Attributes
+    ----------
+    masks : ndarray of bool, shape (K, M, N)
+    scores : ndarray of float32, shape (K,)
+        SAM's predicted IoU of each mask.
+    low_res_logits : ndarray of float32, shape (K, h, w)
+        Logits at the decoder's resolution (feed back as ``mask_input``).
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+
+
+class Predictor:
+    """Prompted segmentation with any SAM-family model of the catalogue.
+
+    Parameters
+    ----------
+    model : LoadedModel
+        From :func:`napari_cellseg.core.models.load_model` or
+        :func:`~napari_cellseg.core.models.random_model`.
+    """
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+        self.embedding: Embedding | None = None
+
+    # -- embedding --------------------------------------------------------------
+
+    @property
+    def is_image_set(self) -> bool:
+        return self.embedding is not None
+
+    def embed(self, image01: np.ndarray) -> Embedding:
+        """Run the image encoder on a normalised ``(M, N, 3)`` float image in [0, 1]."""
+        import torch
+
+        sam = self.model.sam
+        tensor, transform = resize_to_model(image01, self.model.input_size)
+        tensor = tensor.to(self.model.device)
+        with torch.inference_mode():
+            x = (tensor * 255.0 - sam.pixel_mean) / sam.pixel_std
+            features = sam.image_encoder(x)
+        return Embedding(features=features, transform=transform, model_name=self.model.name)
+
+    def set_image(self, image: np.ndarray, channel: int | None = None) -> None:
+        """Normalise (see :mod:`~napari_cellseg.core.preprocess`) and embed an image.
+
+        Parameters
+        ----------
+        image : ndarray
+            ``(M, N)``, ``(M, N, 3)`` RGB or ``(M, N, C)`` with ``channel``.
+        channel : int, optional
+            Channel of a multichannel image.
+        """
+        self.embedding = self.embed(normalize_image(image, channel=channel))
+
+    def set_embedding(self, embedding: Embedding) -> None:
+        """Reuse an embedding computed earlier (from a cache)."""
+        if embedding.model_name != self.model.name:
+            raise ValueError(
+                f"embedding was computed with model {embedding.model_name!r}, not {self.model.name!r}"
+            )
+        self.embedding = embedding
+
+    def reset_image(self) -> None:
+        self.embedding = None
+
+    # -- prompts ------------------------------------------------------------------
+
+    def _require_embedding(self) -> Embedding:
+        if self.embedding is None:
+            raise RuntimeError("no image is set: call set_image() before asking for masks")
+        return self.embedding
+
+    def _check_inside(self, coords_rc: np.ndarray, what: str) -> None:
+        rows, cols = self._require_embedding().image_shape
+        c = np.asarray(coords_rc, dtype=float).reshape(-1, 2)
+        if c.size and (np.isnan(c).any() or (c[:, 0] < -0.5).any() or (c[:, 1] < -0.5).any()
+                       or (c[:, 0] > rows - 0.5).any() or (c[:, 1] > cols - 0.5).any()):
+            raise ValueError(f"{what} lie outside the image of shape ({rows}, {cols})")
+
+    def decode(
+        self,
+        points_rc: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        boxes_rc: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask: bool = False,
+        upsample: bool = True,
+    ):
+        """Decode a batch of prompt sets: the shared path of every prompt method.
+
+        Parameters
+        ----------
+        points_rc : ndarray, shape (B, P, 2), optional
+            ``P`` points of each of ``B`` objects, (row, col).
+        point_labels : ndarray, shape (B, P), optional
+            1 for a positive point, 0 for a negative one.
+        boxes_rc : ndarray, shape (B, 4), optional
+            (r0, c0, r1, c1) boxes with exclusive ends, one per object.
+        mask_input : ndarray, shape (B, h, w), optional
+            Low-resolution logits from an earlier answer.
+        multimask : bool
+            Return SAM's three candidate masks per object instead of one.
+        upsample : bool
+            Return full-resolution masks; otherwise only low-resolution logits.
+
+        Returns
+        -------
+        masks : ndarray of bool, shape (B, K, M, N) or None
+        scores : ndarray, shape (B, K)
+        low_res_logits : ndarray, shape (B, K, h, w)
+        """
+        import torch
+        import torch.nn.functional as F
+
+        emb = self._require_embedding()
+        sam = self.model.sam
+        dev = emb.features.device
+        points = None
+        boxes = None
+        batch = None
+        if points_rc is not None:
+            pts = np.asarray(points_rc, dtype=float)
+            if pts.ndim != 3 or pts.shape[-1] != 2:
+                raise ValueError(f"points must have shape (B, P, 2), got {pts.shape}")
+            self._check_inside(pts, "points")
+            labels = np.ones(pts.shape[:2]) if point_labels is None else np.asarray(point_labels, float)
+            if labels.shape != pts.shape[:2]:
+                raise ValueError(f"point labels of shape {labels.shape} do not match points {pts.shape[:2]}")
+            xy = emb.transform.rc_to_model_xy(pts)
+            points = (torch.as_tensor(xy, dtype=torch.float32, device=dev),
+                      torch.as_tensor(labels, dtype=torch.int64, device=dev))
+            batch = pts.shape[0]
+        if boxes_rc is not None:
+            bx = np.asarray(boxes_rc, dtype=float)
+            if bx.ndim != 2 or bx.shape[-1] != 4:
+                raise ValueError(f"boxes must have shape (B, 4) as (r0, c0, r1, c1), got {bx.shape}")
+            if np.isnan(bx).any():
+                raise ValueError("boxes contain NaN")
+            bx = clip_boxes(bx, emb.image_shape)
+            boxes = torch.as_tensor(emb.transform.box_rc_to_model_xyxy(bx), dtype=torch.float32, device=dev)
+            if batch is not None and batch != bx.shape[0]:
+                raise ValueError(f"{batch} point sets but {bx.shape[0]} boxes")
+            batch = bx.shape[0]
+        masks_in = None
+        if mask_input is not None:
+            masks_in = torch.as_tensor(np.asarray(mask_input, np.float32), device=dev)
+            if masks_in.ndim == 3:
+                masks_in = masks_in[:, None]
+        if batch is None:
+            raise ValueError("give at least one point or box")
+        if batch == 0:
+            rows, cols = emb.image_shape
+            return (np.zeros((0, 1, rows, cols), bool), np.zeros((0, 1), np.float32),
+                    np.zeros((0, 1, 1, 1), np.float32))
+        with torch.inference_mode():
+            sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=masks_in)
+            low_res, iou = sam.mask_decoder(
+                image_embeddings=emb.features,
+                image_pe=sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )
+            masks = None
+            if upsample:
+                logits = self.upsample_logits(low_res)
+                masks = (logits > sam.mask_threshold).cpu().numpy()
+        return masks, iou.float().cpu().numpy(), low_res.float().cpu().numpy()
+
+    def upsample_logits(self, low_res):
+        """Low-resolution logits ``(B, K, h, w)`` to full-image logits ``(B, K, M, N)``."""
+        import torch.nn.functional as F
+
+        emb = self._require_embedding()
+        size = self.model.input_size
+        rows, cols = emb.transform.resized_shape
+        x = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)[..., :rows, :cols]
+        return F.interpolate(x, emb.image_shape, mode="bilinear", align_corners=False)
+
+    def predict(
+        self,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask: bool = False,
+    ) -> PromptResult:
+        """Segment ONE object from any mix of points and a box.
+
+        Parameters
+        ----------
+        points : ndarray, shape (P, 2), optional
+            (row, col) points.
+        point_labels : ndarray, shape (P,), optional
+            1 positive, 0 negative (all positive by default).
+        box : sequence of 4, optional
+            (r0, c0, r1, c1) with exclusive ends.
+        mask_input : ndarray, shape (h, w), optional
+            Low-resolution logits of an earlier answer, to refine it.
+        multimask : bool
+            Three candidates (sorted by score, best first) instead of one.
+        """
+        pts = None if points is None or len(points) == 0 else np.asarray(points, float)[None]
+        lab = None
+        if pts is not None:
+            lab = (np.ones(pts.shape[1]) if point_labels is None else np.asarray(point_labels, float))[None]
+        bx = None if box is None else np.asarray(box, float).reshape(1, 4)
+        mi = None if mask_input is None else np.asarray(mask_input, np.float32)[None]
+        masks, scores, low = self.decode(pts, lab, bx, mi, multimask=multimask)
+        order = np.argsort(-scores[0], kind="stable")
+        return PromptResult(masks=masks[0][order], scores=scores[0][order], low_res_logits=low[0][order])
+
+    def predict_boxes(self, boxes: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """One object per box, decoded in batches.
+
+        Parameters
+        ----------
+        boxes : array-like, shape (B, 4)
+            (r0, c0, r1, c1) with exclusive ends.
+
+        Returns
+        -------
+        masks : ndarray of bool, shape (B, M, N)
+        scores : ndarray, shape (B,)
+        """
+        bx = np.asarray(boxes, float).reshape(-1, 4)
+        return self._batched(lambda sl: self.decode(boxes_rc=bx[sl]), len(bx), batch_size)
+
+    def predict_points(self, points: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """One object per positive point (``(B, 2)`` (row, col)), decoded in batches.
+
+        SAM's single-point prompt is ambiguous; as SAM's own automatic mode,
+        the best of the three candidate masks by predicted IoU is kept.
+        """
+        pts = np.asarray(points, float).reshape(-1, 1, 2)
+
+        def run(sl):
+            masks, scores, low = self.decode(points_rc=pts[sl], multimask=True)
+            best = scores.argmax(axis=1)
+            idx = np.arange(len(best))
+            return masks[idx, best][:, None], scores[idx, best][:, None], low[idx, best][:, None]
+
+        return self._batched(run, len(pts), batch_size)
+
+    def _batched(self, run, n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        rows, cols = self._require_embedding().image_shape
+        masks = np.zeros((n, rows, cols), bool)
+        scores = np.zeros(n, np.float32)
+        for start in range(0, n, batch_size):
+            sl = slice(start, min(n, start + batch_size))
+            m, s, _ = run(sl)
+            masks[sl] = m[:, 0]
+            scores[sl] = s[:, 0]
+        return masks, scores
+
+
+def masks_to_labels(masks: np.ndarray, scores: np.ndarray | None = None, start: int = 1,
+                    dtype=np.uint32) -> np.ndarray:
+    """Paint binary masks ``(K, M, N)`` into one label image, ids ``start, start+1, ...``.
+
+    Where masks overlap, the pixel goes to the mask with the higher score (the
+    earlier mask when no scores are given). Empty masks keep their id unused.
+
+    Examples
+    --------
+    >>> m = np.zeros((2, 3, 3), bool); m[0, :2] = True; m[1, 1:] = True
+    >>> masks_to_labels(m, np.array([0.9, 0.5]))
+    array([[1, 1, 1],
+           [1, 1, 1],
+           [2, 2, 2]], dtype=uint32)
+    """
+    masks = np.asarray(masks, bool)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must have shape (K, M, N), got {masks.shape}")
+    out = np.zeros(masks.shape[1:], dtype)
+    order = np.arange(len(masks)) if scores is None else np.argsort(-np.asarray(scores), kind="stable")
+    for k in order[::-1]:  # paint worst first so the best ends on top
+        out[masks[k]] = start + k
+    return out
+
+
+def default_prompt_logits(sam, features):
+    """Decode SAM's default (empty) prompt on image features: ``(B, 1, h, w)`` logits.
+
+    This is the forward pass of the distance-map models (SAMCell recipe): the
+    mask decoder, given no point, box or mask, regresses a map over the whole
+    window. Gradients flow (used by fine-tuning as well as inference).
+
+    Parameters
+    ----------
+    sam : segment_anything.modeling.Sam
+    features : torch.Tensor, shape (B, C, G, G)
+    """
+    import torch
+
+    batch = features.shape[0]
+    sparse, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
+    pe = sam.prompt_encoder.get_dense_pe()
+    outs = []
+    for b in range(batch):  # the decoder takes one image embedding per call
+        low, _ = sam.mask_decoder(
+            image_embeddings=features[b : b + 1], image_pe=pe, sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense, multimask_output=False,
+        )
+        outs.append(low)
+    return torch.cat(outs, dim=0)
+
+
+def clip_boxes(boxes_rc: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Order the corners of ``(B, 4)`` boxes and clip them to an image of ``shape``.
+
+    Raises
+    ------
+    ValueError
+        When a box has no area inside the image.
+
+    Examples
+    --------
+    >>> clip_boxes(np.array([[30, 5, -4, 12]]), (20, 20))
+    array([[ 0.,  5., 20., 12.]])
+    """
+    bx = np.asarray(boxes_rc, dtype=float).reshape(-1, 4)
+    rows, cols = shape
+    r0 = np.clip(np.minimum(bx[:, 0], bx[:, 2]), 0, rows)
+    r1 = np.clip(np.maximum(bx[:, 0], bx[:, 2]), 0, rows)
+    c0 = np.clip(np.minimum(bx[:, 1], bx[:, 3]), 0, cols)
+    c1 = np.clip(np.maximum(bx[:, 1], bx[:, 3]), 0, cols)
+    bad = np.flatnonzero((r1 - r0 <= 0) | (c1 - c0 <= 0))
+    if bad.size:
+        raise ValueError(
+            f"box {bx[bad[0]].tolist()} has no area inside the image of shape ({rows}, {cols}); "
+            "boxes are (r0, c0, r1, c1)"
+        )
+    return np.stack([r0, c0, r1, c1], axis=1)

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random models, synthetic images and the real data in ../shared/data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """Path of ../shared/data; skips the test with the reason when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (the ../shared folder beside the checkout)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def tiny_vit():
+    """A randomly initialised SAM with a ViT encoder of the real layout, 64 px input."""
+    from napari_cellseg.core.models import random_model
+
+    return random_model("vit_test", device="cpu", seed=0)
+
+
+@pytest.fixture
+def tiny_tinyvit():
+    """A randomly initialised SAM with a TinyViT encoder of LiteMedSAM's layout, 64 px input."""
+    from napari_cellseg.core.models import random_model
+
+    return random_model("tinyvit_test", device="cpu", seed=0)
+
+
+def make_cells(shape=(128, 128), n=12, radius=(6, 12), seed=0):
+    """Synthetic image of bright disks on a dark noisy background and its label image."""
+    from skimage.draw import disk
+
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.uint16)
+    image = rng.normal(0.1, 0.02, shape)
+    k = 0
+    for _ in range(n * 20):
+        if k == n:
+            break
+        r = rng.integers(*radius)
+        c = rng.integers(r + 1, shape[0] - r - 1), rng.integers(r + 1, shape[1] - r - 1)
+        rr, cc = disk(c, r + 2, shape=shape)
+        if labels[rr, cc].any():
+            continue
+        rr, cc = disk(c, r, shape=shape)
+        k += 1
+        labels[rr, cc] = k
+        image[rr, cc] += 0.6
+    return image.astype(np.float32), labels
+
+
+@pytest.fixture
+def synthetic_cells():
+    """(image, labels): 12 non-touching bright disks on a noisy background, 128 x 128."""
+    return make_cells()

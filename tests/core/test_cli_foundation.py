@@ -1,0 +1,78 @@
+"""`napari-cellseg models` and `napari-cellseg predict` as a user runs them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from napari_cellseg.cli import main
+from napari_cellseg.core import models
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    models.clear_model_cache()
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.pth"
+    torch.save(models.build_sam("vit_test").state_dict(), path)
+    return path
+
+
+def test_models_lists_catalogue_and_offline_state(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "*litemedsam" in out
+    line = next(x for x in out.splitlines() if x.startswith("*litemedsam"))
+    assert "offline" in line
+    assert "download" in next(x for x in out.splitlines() if x.startswith(" vit_h"))
+
+
+def test_predict_boxes_and_points_write_one_object_per_prompt(tmp_path, tiny_checkpoint, capsys):
+    image = np.random.default_rng(0).random((60, 80)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    out = tmp_path / "labels.tif"
+    code = main(["predict", str(tmp_path / "img.tif"), "--box", "0", "0", "30", "40", "--box", "30", "40", "60", "80",
+                 "--point", "10", "70", "--model", str(tiny_checkpoint), "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    labels = tifffile.imread(out)
+    assert labels.shape == (60, 80) and labels.max() <= 3
+    assert "3 prompts" in capsys.readouterr().out
+
+
+def test_predict_on_a_stack_needs_a_plane(tmp_path, tiny_checkpoint, capsys):
+    tifffile.imwrite(tmp_path / "stack.tif", np.random.default_rng(0).random((4, 50, 50)).astype(np.float32))
+    args = ["predict", str(tmp_path / "stack.tif"), "--box", "0", "0", "20", "20", "--model", str(tiny_checkpoint),
+            "--out", str(tmp_path / "o.tif")]
+    assert main(args) == 2
+    assert "--plane" in capsys.readouterr().err
+    assert main(args + ["--plane", "2"]) == 0
+
+
+def test_predict_errors_are_one_line(tmp_path, capsys):
+    assert main(["predict", str(tmp_path / "missing.tif"), "--box", "0", "0", "5", "5", "--out", "o.tif"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("napari-cellseg predict: error: no such image file") and "Traceback" not in err
+    assert main(["predict", "--sample", "cells", "--out", str(tmp_path / "o.tif")]) == 2
+    assert "at least one --box" in capsys.readouterr().err
+    assert main(["predict", "--sample", "cells", "--box", "0", "0", "9", "9", "--model", "vit_nope",
+                 "--out", str(tmp_path / "o.tif")]) == 2
+    assert "unknown model 'vit_nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_predict_sample_with_default_model_offline(tmp_path):
+    out = tmp_path / "sample.tif"
+    assert main(["predict", "--sample", "cells", "--gt-boxes", "--device", "cpu", "--out", str(out)]) == 0
+    labels = tifffile.imread(out)
+    from napari_cellseg.core.io import load_sample
+
+    gt = load_sample("cells").labels
+    assert len(np.unique(labels)) - 1 >= 25
+    assert ((labels > 0) & (gt > 0)).sum() / ((labels > 0) | (gt > 0)).sum() > 0.4

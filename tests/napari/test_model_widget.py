@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_cellseg._napari.model_widget import CUSTOM, ModelSelectionWidget
+from napari_cellseg._napari.session import session_for
+from napari_cellseg.core import models
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    models.clear_model_cache()
+
+
+def test_widget_lists_catalogue_and_marks_downloads(make_napari_viewer):
+    viewer = make_napari_viewer()
+    widget = ModelSelectionWidget(viewer)
+    labels = [widget.model_combo.itemText(i) for i in range(widget.model_combo.count())]
+    assert "litemedsam" in labels
+    assert "vit_h (download)" in labels
+    assert labels[-1] == CUSTOM
+    assert widget.chosen_name() == "litemedsam"
+
+
+def test_loading_a_checkpoint_runs_in_a_worker_and_updates_the_session(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    widget = ModelSelectionWidget(viewer)
+    path = tmp_path / "tiny.pth"
+    torch.save(models.build_sam("vit_test").state_dict(), path)
+    widget.model_combo.setCurrentIndex(widget.model_combo.findData(CUSTOM))
+    widget.path_edit.setText(str(path))
+    widget.device_combo.setCurrentText("cpu")
+    heard = []
+    session_for(viewer).model_changed.connect(heard.append)
+    widget.load_btn.click()
+    assert not widget.load_btn.isEnabled()  # disabled while the worker runs
+    qtbot.waitUntil(lambda: widget.load_btn.isEnabled(), timeout=30000)
+    assert widget.status.text().startswith("loaded: tiny.pth (vit_test, 64 px) on cpu")
+    assert session_for(viewer).model_name == str(path)
+    assert heard == [str(path)]
+
+
+def test_a_corrupt_checkpoint_gives_a_message_not_a_traceback(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    widget = ModelSelectionWidget(viewer)
+    path = tmp_path / "broken.pth"
+    path.write_bytes(b"garbage")
+    widget.model_combo.setCurrentIndex(widget.model_combo.findData(CUSTOM))
+    widget.path_edit.setText(str(path))
+    widget.load_btn.click()
+    qtbot.waitUntil(lambda: widget.load_btn.isEnabled(), timeout=30000)
+    assert widget.status.text().startswith("not loaded:") and "could not be read" in widget.status.text()
+    assert session_for(viewer).model_name == models.DEFAULT_MODEL
+
+
+def test_sample_data_opens_without_network(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-cellseg", "cells")
+    image, labels = viewer.layers
+    assert image.data.shape == (512, 512)
+    assert int(np.max(labels.data)) == 27
+
+
+def test_segment_anything_imports_after_the_canvas_exists(tmp_path):
+    """Regression: importing torchvision after napari's OpenGL canvas segfaulted (Triton vs Mesa LLVM)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import napari\n"
+        "viewer = napari.Viewer(show=False)\n"
+        "import napari_cellseg._napari.model_widget\n"
+        "from napari_cellseg.core.models import random_model\n"
+        "import segment_anything, torchvision\n"
+        "random_model('vit_test')\n"
+        "print('alive')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "alive" in out.stdout
