@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "segment": ("segment", "segment every cell automatically in images, folders or stacks"),
     "finetune": ("finetune", "fine-tune a model on images and their label images"),
     "evaluate": ("evaluate", "compare predicted label images with ground truth"),
+    "measure": ("measure", "measure every cell of label images (area, shape, intensity, neighbours) to CSV"),
 }
 
 

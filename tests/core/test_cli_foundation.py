@@ -76,3 +76,25 @@ def test_predict_sample_with_default_model_offline(tmp_path):
     gt = load_sample("cells").labels
     assert len(np.unique(labels)) - 1 >= 25
     assert ((labels > 0) & (gt > 0)).sum() / ((labels > 0) | (gt > 0)).sum() > 0.4
+
+
+def test_measure_writes_a_csv_that_reads_back(tmp_path, capsys):
+    from napari_cellseg.core.measure import read_csv
+
+    labels = np.zeros((30, 40), np.uint16)
+    labels[2:10, 2:10] = 1  # 64 px
+    labels[10:14, 2:30] = 5  # touches 1
+    image = np.ones(labels.shape, np.float32) * 3
+    tifffile.imwrite(tmp_path / "l.tif", labels)
+    tifffile.imwrite(tmp_path / "i.tif", image)
+    assert main(["measure", str(tmp_path / "l.tif"), "--image", str(tmp_path / "i.tif"),
+                 "--out", str(tmp_path / "t.csv")]) == 0
+    assert "2 cells, mean area 88.0 px" in capsys.readouterr().out
+    table = read_csv(tmp_path / "t.csv")
+    assert table["label"].tolist() == [1, 5]
+    assert table["area"].tolist() == [64, 112]
+    assert table["n_neighbors"].tolist() == [1, 1]
+    assert table["mean_intensity"].tolist() == [3.0, 3.0]
+    tifffile.imwrite(tmp_path / "wrong.tif", np.zeros((5, 5), np.float32))
+    assert main(["measure", str(tmp_path / "l.tif"), "--image", str(tmp_path / "wrong.tif"),
+                 "--out", str(tmp_path / "t.csv")]) == 2
