@@ -115,3 +115,16 @@ def test_tiles_cover_the_image_with_overlap():
     assert all(b - a <= 256 - 32 for a, b in zip(starts, starts[1:]))
     with pytest.raises(ValueError):
         tile_starts(100, 32, 32)
+
+
+def test_clahe_grey_and_colour():
+    from napari_cellseg.core.preprocess import clahe
+
+    rng = np.random.default_rng(0)
+    grey = np.repeat((0.4 + 0.05 * rng.random((64, 64), np.float32))[..., None], 3, axis=-1)
+    out = clahe(grey)
+    assert out.shape == (64, 64, 3) and np.array_equal(out[..., 0], out[..., 2])
+    assert out.std() > 3 * grey.std()  # a dim, flat image gains contrast
+    colour = rng.random((64, 64, 3)).astype(np.float32)
+    out = clahe(colour)
+    assert out.shape == (64, 64, 3) and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1

@@ -275,5 +275,5 @@ def clahe(image01: np.ndarray, clip_limit: float = 0.01, kernel_size: int | None
     ):
         eq = equalize_adapthist(image01[..., 0], kernel_size=kernel_size, clip_limit=clip_limit)
         return np.repeat(eq[..., None].astype(np.float32), 3, axis=-1)
-    return equalize_adapthist(image01, kernel_size=kernel_size, clip_limit=clip_limit,
-                              channel_axis=-1 if image01.ndim == 3 else None).astype(np.float32)
+    # colour: scikit-image equalises the value channel in HSV space, keeping hue
+    return equalize_adapthist(image01, kernel_size=kernel_size, clip_limit=clip_limit).astype(np.float32)

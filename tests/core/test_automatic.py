@@ -1,0 +1,374 @@
+"""Automatic modes: stitching, grid / guided / distance pipelines, caching and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.draw import disk
+
+from napari_cellseg.core import automatic as auto
+from napari_cellseg.core import postprocess as pp
+from napari_cellseg.core.models import random_model
+from napari_cellseg.core.preprocess import normalize_image
+
+
+def _cells(shape, centres, radii, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.int32)
+    for k, (c, r) in enumerate(zip(centres, radii), start=1):
+        rr, cc = disk(c, r, shape=shape)
+        labels[rr, cc] = k
+    image = rng.normal(0.1, 0.02, shape) + 0.6 * (labels > 0)
+    return image.astype(np.float32), labels
+
+
+def _same_partition(a, b):
+    if a.shape != b.shape or ((a > 0) != (b > 0)).any():
+        return False
+    pairs = np.unique(np.stack([a[a > 0], b[b > 0]]), axis=1)
+    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
+def _best_ious(gt, pred):
+    out = []
+    for k in range(1, gt.max() + 1):
+        g = gt == k
+        ids, counts = np.unique(pred[g], return_counts=True)
+        best = 0.0
+        for i, c in zip(ids, counts):
+            if i:
+                best = max(best, c / (g | (pred == i)).sum())
+        out.append(best)
+    return np.array(out)
+
+
+class OracleDecoder:
+    """Stands in for :func:`automatic.decode_prompts`: answers each prompt with the true cell under it.
+
+    It knows the crops in the order the modes embed them (one new ``features``
+    tensor per crop), so it works for tiled images as well.
+    """
+
+    def __init__(self, labels, crops):
+        self.labels = labels
+        self.crops = crops
+        self.features = None
+        self.crop_index = -1
+        self.calls = 0
+
+    def __call__(self, model, features, transform, points_rc=None, boxes_rc=None, multimask=False, batch_size=16):
+        if features is not self.features:
+            self.features = features
+            self.crop_index += 1
+        rs, cs = self.crops[self.crop_index]
+        crop_labels = self.labels[rs, cs]
+        size = transform.target
+        h = 4 * features.shape[-1]
+        rows_sc = transform.resized_shape[0] / transform.original_shape[0]
+        cols_sc = transform.resized_shape[1] / transform.original_shape[1]
+        centre = (np.arange(h) + 0.5) * size / h
+        r = np.floor(centre / rows_sc).astype(int)
+        c = np.floor(centre / cols_sc).astype(int)
+        inside = (r[:, None] < crop_labels.shape[0]) & (c[None, :] < crop_labels.shape[1])
+        sampled = np.where(inside, crop_labels[np.minimum(r, crop_labels.shape[0] - 1)[:, None],
+                                               np.minimum(c, crop_labels.shape[1] - 1)[None, :]], 0)
+        where = points_rc if points_rc is not None else (boxes_rc[:, :2] + boxes_rc[:, 2:]) / 2
+        where = np.round(np.asarray(where)).astype(int)
+        n = len(where)
+        for s in range(0, n, batch_size):
+            idx = np.arange(s, min(n, s + batch_size))
+            ks = crop_labels[where[idx, 0], where[idx, 1]]
+            logits = np.where(sampled[None] == ks[:, None, None], 8.0, -8.0)
+            logits[ks == 0] = -8.0
+            scores = np.where(ks > 0, 0.95, 0.2)
+            self.calls += 1
+            yield idx, logits[:, None].astype(np.float32), scores[:, None].astype(np.float32)
+
+
+def _count_network_calls(model):
+    calls = {"encoder": 0, "decoder": 0}
+    model.sam.image_encoder.register_forward_hook(lambda *a: calls.__setitem__("encoder", calls["encoder"] + 1))
+    model.sam.mask_decoder.register_forward_hook(lambda *a: calls.__setitem__("decoder", calls["decoder"] + 1))
+    return calls
+
+
+# ---------------------------------------------------------------------------
+# stitching
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def distance_model():
+    return auto.as_distance_model(random_model("vit_test", seed=1))
+
+
+def test_stitching_a_constant_map_leaves_no_seams(monkeypatch, distance_model):
+    monkeypatch.setattr(auto, "crop_distance_maps", lambda model, crops: [np.full(c.shape[:2], 0.3, np.float32)
+                                                                          for c in crops])
+    image = np.random.default_rng(0).random((600, 530))
+    dmap = auto.run_to_completion(auto.predict_distance_map(image, distance_model))
+    assert dmap.shape == (600, 530)
+    assert np.abs(dmap - 0.3).max() < 1e-6
+
+
+def test_stitching_reproduces_a_known_smooth_map(monkeypatch, distance_model):
+    # each crop's "prediction" is the crop itself: the stitched map must be the image again
+    monkeypatch.setattr(auto, "crop_distance_maps", lambda model, crops: [c[..., 0].copy() for c in crops])
+    yy, xx = np.mgrid[:700, :520]
+    image = np.sin(yy / 40.0) * np.cos(xx / 55.0)
+    cfg = auto.DistanceConfig(clahe=False)
+    dmap = auto.run_to_completion(auto.predict_distance_map(image, distance_model, cfg))
+    expected = normalize_image(image)[..., 0]
+    assert np.abs(dmap - expected).max() < 1e-5
+    # images smaller than one crop are mirrored up to the crop size and cropped back
+    small = image[:100, :150]
+    out = auto.run_to_completion(auto.predict_distance_map(small, distance_model, cfg))
+    assert np.abs(out - normalize_image(small)[..., 0]).max() < 1e-5
+
+
+def test_disagreeing_crops_are_blended_smoothly(monkeypatch, distance_model):
+    counter = iter(range(1000))
+    monkeypatch.setattr(auto, "crop_distance_maps",
+                        lambda model, crops: [np.full(c.shape[:2], next(counter) % 2, np.float32) for c in crops])
+    dmap = auto.run_to_completion(auto.predict_distance_map(np.random.default_rng(0).random((480, 480)),
+                                                            distance_model, auto.DistanceConfig(batch_size=3)))
+    jumps = max(np.abs(np.diff(dmap, axis=0)).max(), np.abs(np.diff(dmap, axis=1)).max())
+    assert 0.2 < dmap.max() - dmap.min()
+    assert jumps < 0.1  # a hard seam between a 0-crop and a 1-crop would jump by 0.5 or more
+
+
+def test_stitch_tiles_vectorised_helper():
+    from napari_cellseg.core.preprocess import tile_slices
+
+    sl = tile_slices((70, 90), 32, 8)
+    tiles = [np.full((32, 32), 2.0)] * len(sl)
+    assert np.allclose(auto.stitch_tiles(tiles, sl, (70, 90), 8), 2.0)
+    with pytest.raises(ValueError, match="cover"):
+        auto.stitch_tiles(tiles[:1], sl[:1], (70, 90), 8)
+
+
+# ---------------------------------------------------------------------------
+# distance mode
+# ---------------------------------------------------------------------------
+
+
+def test_distance_mode_runs_and_relabel_does_not_call_the_network(distance_model):
+    calls = _count_network_calls(distance_model)
+    image, _ = _cells((300, 280), [(60, 60), (200, 150)], [20, 25])
+    records = []
+    result = auto.run_to_completion(auto.distance_segmentation(image, distance_model), records.append)
+    assert isinstance(result, auto.DistanceResult)
+    assert records and records[-1].step == records[-1].total == 4  # 2 x 2 crops of 256 px
+    assert calls["encoder"] == 4 and calls["decoder"] == 4  # on a CPU one crop per encoder call
+    batched = auto.segment(image, distance_model, "distance", auto.DistanceConfig(batch_size=3))
+    assert calls["encoder"] == 6  # batches of 3 and 1 crops
+    np.testing.assert_allclose(batched.distance_map, result.distance_map, atol=1e-5)
+    assert result.distance_map.shape == (300, 280)
+    assert 0.0 <= result.distance_map.min() and result.distance_map.max() <= 1.0
+    before = dict(calls)
+    for peak in (0.9, 0.5, 0.2):
+        labels = result.relabel(peak=peak, fill=0.1)
+        assert labels.shape == (300, 280)
+    result.relabel(min_size=10, fill_holes=True)
+    assert calls == before
+    assert result.thresholds["peak"] == 0.2 and result.thresholds["min_size"] == 10
+
+
+def test_distance_relabel_on_a_known_map_and_empty_message():
+    labels = pp.distance_targets(_cells((80, 80), [(20, 20), (55, 50)], [10, 12])[1].astype(int))
+    dmap = np.where(labels > 0, 0.2 + 0.8 * labels, 0).astype(np.float32)
+    result = auto.DistanceResult("distance", np.zeros((80, 80), np.int32), thresholds=dict(
+        peak=0.47, fill=0.09, min_size=0, fill_holes=False), distance_map=dmap)
+    assert result.relabel().max() == 2 and result.message == ""
+    assert result.relabel(peak=1.0).max() == 0
+    assert "lower the peak threshold" in result.message and "highest 1.00" in result.message
+    assert result.relabel(peak=0.5, min_size=10_000).max() == 0
+    assert "lower the minimum size" in result.message
+
+
+def test_distance_mode_needs_a_distance_model(tiny_vit):
+    with pytest.raises(ValueError, match="(?i)fine-tune one with the distance recipe, or use grid mode"):
+        auto.segment(np.zeros((32, 32)), tiny_vit, mode="distance")
+    with pytest.raises(ValueError, match="guided mode needs a distance-map model"):
+        auto.segment(np.zeros((32, 32)), tiny_vit, mode="guided")
+    assert auto.default_mode(tiny_vit) == "grid"
+
+
+def test_model_thresholds_are_the_defaults():
+    m = auto.as_distance_model(random_model("vit_test"), {"peak": 0.6, "fill": 0.2})
+    assert auto.make_config("distance", m).peak == 0.6
+    assert auto.make_config("distance", m, fill=0.05).fill == 0.05
+    assert auto.make_config("guided", m).distance.fill == 0.2
+    m.meta["crop_size"] = 128  # a distance model fine-tuned on 128 px crops is run on 128 px crops
+    assert (auto.make_config("distance", m).crop_size, auto.make_config("distance", m).overlap) == (128, 16)
+    assert auto.make_config("guided", m, crop_size=192).distance.crop_size == 192
+
+
+# ---------------------------------------------------------------------------
+# grid mode
+# ---------------------------------------------------------------------------
+
+
+def test_grid_pipeline_recovers_exact_cells_with_an_oracle_decoder(monkeypatch):
+    # a 64 px image in a 256 px model input: the decoder grid has one pixel per image pixel
+    image, labels = _cells((64, 64), [(14, 14), (16, 45), (45, 20), (47, 48), (30, 31)], [8, 9, 7, 10, 5])
+    model = random_model("vit_test", img_size=256)
+    oracle = OracleDecoder(labels, [(slice(0, 64), slice(0, 64))])
+    monkeypatch.setattr(auto, "decode_prompts", oracle)
+    result = auto.segment(image, model, mode="grid", config=auto.GridConfig(points_per_side=16))
+    assert oracle.calls == 16  # 256 prompts in batches of 16
+    assert result.n_cells == 5
+    assert _same_partition(result.labels, labels)
+    # thresholds re-run only the filtering
+    assert result.relabel(probability=0.99).max() == 0
+    assert "lower the probability threshold" in result.message and "highest 0.95" in result.message
+    assert result.relabel(probability=0.8, stability=1.5).max() == 0
+    assert "lower the stability threshold" in result.message
+    assert result.relabel(stability=0.6, min_area=400).max() == 0
+    assert "lower the minimum area" in result.message
+    small = (np.bincount(labels.ravel())[1:] <= 0.04 * 64 * 64).sum()
+    assert 0 < small < 5
+    assert result.relabel(min_area=20, max_area_fraction=0.04).max() == small  # drops the large cells
+    assert oracle.calls == 16
+
+
+def test_grid_mode_crops_large_images_and_merges_across_crops(monkeypatch):
+    centres = [(60, 60), (60, 250), (250, 100), (300, 330), (150, 200), (255, 240), (340, 40)]
+    image, labels = _cells((400, 380), centres, [28, 30, 26, 32, 25, 27, 24])
+    model = random_model("vit_test", img_size=128)
+    crops = auto._model_crops(labels.shape, 128, 1.5)
+    assert len(crops) == 9  # crops of 192 px with 48 px overlap
+    oracle = OracleDecoder(labels, crops)
+    monkeypatch.setattr(auto, "decode_prompts", oracle)
+    result = auto.segment(image, model, mode="grid",
+                          config=auto.GridConfig(points_per_side=12, max_downscale=1.5))
+    assert oracle.crop_index == 8
+    assert result.n_cells == len(centres)  # duplicates from overlapping crops are merged by NMS
+    ious = _best_ious(labels, result.labels)
+    assert ious.min() > 0.75, ious
+
+
+def test_grid_mode_end_to_end_on_a_tiny_model_and_relabel_is_offline(tiny_vit):
+    with_bias = tiny_vit
+    with_bias.sam.mask_decoder.iou_prediction_head.layers[-1].bias.data += 1.0  # confident answers
+    calls = _count_network_calls(with_bias)
+    image, _ = _cells((96, 80), [(30, 30), (60, 50)], [12, 14])
+    cfg = auto.GridConfig(points_per_side=6, max_area_fraction=1.0, probability=0.5, stability=0.0, batch_size=8)
+    records = []
+    result = auto.run_to_completion(auto.grid_segmentation(image, with_bias, cfg), records.append)
+    assert calls["encoder"] == 1 and calls["decoder"] == 5  # 36 prompts in batches of 8
+    assert [r.step for r in records] == list(range(len(records)))
+    assert records[-1].step == records[-1].total
+    assert len(result.candidates) == 36 and result.candidates.n_prompts == 36
+    assert result.labels.shape == (96, 80) and result.labels.dtype == np.int32
+    assert result.n_cells >= 1, result.message
+    before = dict(calls)
+    for p in (0.0, 0.5, 0.9, 1.2):
+        result.relabel(probability=p, stability=0.3, nms_iou=0.5)
+    assert calls == before
+    assert result.n_cells == 0 and "probability" in result.message
+
+
+def test_grid_multimask_keeps_three_candidates_per_point(tiny_vit):
+    cfg = auto.GridConfig(points_per_side=3, max_area_fraction=1.0, multimask=True)
+    result = auto.segment(np.random.default_rng(1).random((40, 40)), tiny_vit, mode="grid", config=cfg)
+    assert result.candidates.n_prompts == 9
+    assert len(result.candidates) <= 27 and set(result.candidates.ids) <= set(range(9))
+
+
+# ---------------------------------------------------------------------------
+# guided mode
+# ---------------------------------------------------------------------------
+
+
+def test_guided_mode_on_a_synthetic_distance_map(monkeypatch):
+    image, labels = _cells((64, 64), [(14, 14), (16, 45), (45, 20), (47, 48)], [8, 9, 7, 10])
+    dmap = np.where(labels > 0, 0.2 + 0.8 * pp.distance_targets(labels), 0).astype(np.float32)
+    model = random_model("vit_test", img_size=256)
+    oracle = OracleDecoder(labels, [(slice(0, 64), slice(0, 64))])
+    monkeypatch.setattr(auto, "decode_prompts", oracle)
+    result = auto.run_to_completion(auto.guided_from_map(image, dmap, model))
+    assert oracle.calls == 1  # four cells, one prompt each, one batch
+    assert result.candidates.n_prompts == 4
+    assert _same_partition(result.labels, labels)
+    assert result.n_drawn == 4
+    with pytest.raises(ValueError, match="without new prompts"):
+        result.relabel(peak=0.3)
+
+
+def test_guided_mode_falls_back_to_the_watershed_regions(tiny_vit):
+    image, labels = _cells((80, 80), [(20, 20), (55, 55)], [10, 12])
+    dmap = np.where(labels > 0, 0.2 + 0.8 * pp.distance_targets(labels), 0).astype(np.float32)
+    calls = _count_network_calls(tiny_vit)
+    result = auto.run_to_completion(auto.guided_from_map(image, dmap, tiny_vit))
+    assert calls["encoder"] == 1 and calls["decoder"] == 1
+    assert result.n_cells >= 1
+    # rejecting every SAM answer leaves exactly the watershed regions
+    assert _same_partition(result.relabel(probability=2.0), labels)
+    assert result.relabel(probability=2.0, fallback=False).max() == 0
+    assert "lower the probability threshold" in result.message
+    assert calls["decoder"] == 1
+
+
+def test_guided_segmentation_with_a_distance_model(distance_model):
+    image, _ = _cells((72, 72), [(20, 20), (50, 50)], [10, 12])
+    result = auto.segment(image, distance_model, mode="guided")
+    assert isinstance(result, auto.GuidedResult)
+    assert result.distance_map.shape == (72, 72)
+    if result.regions.max() == 0:
+        assert "lower the peak threshold" in result.message
+
+
+# ---------------------------------------------------------------------------
+# bad input and configuration
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["grid", "distance"])
+def test_bad_inputs_give_clear_errors_or_messages(mode, tiny_vit, distance_model):
+    model = distance_model if mode == "distance" else tiny_vit
+    cfg = auto.GridConfig(points_per_side=4) if mode == "grid" else None
+    with pytest.raises(ValueError, match="plane"):
+        auto.segment(np.zeros((3, 40, 40, 5)), model, mode=mode, config=cfg)
+    with pytest.raises(ValueError, match="channel"):
+        auto.segment(np.zeros((40, 40, 7)), model, mode=mode, config=cfg)
+    with pytest.raises(ValueError, match="too small"):
+        auto.segment(np.ones((8, 40)), model, mode=mode, config=cfg)
+    with pytest.raises(TypeError):
+        auto.segment(np.full((40, 40), "a"), model, mode=mode, config=cfg)
+    constant = auto.segment(np.full((40, 40), 7.0), model, mode=mode, config=cfg)
+    assert constant.n_cells == 0 and "constant" in constant.message
+    assert constant.relabel().max() == 0
+    nan = auto.segment(np.full((40, 40), np.nan), model, mode=mode, config=cfg)
+    assert nan.n_cells == 0 and "no finite pixel" in nan.message
+    partly = np.random.default_rng(0).random((40, 40))
+    partly[:5] = np.nan
+    assert auto.segment(partly, model, mode=mode, config=cfg).labels.shape == (40, 40)
+    rgb = (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)
+    assert auto.segment(rgb, model, mode=mode, config=cfg).labels.shape == (40, 50)
+    assert auto.segment(np.zeros((40, 40, 2)), model, mode=mode, config=cfg, channel=1).n_cells == 0
+
+
+def test_configs_round_trip_and_validate():
+    g = auto.GridConfig(points_per_side=16, probability=0.7)
+    assert auto.GridConfig.from_json(g.to_json()) == g
+    q = auto.GuidedConfig(distance=auto.DistanceConfig(peak=0.6), probability=0.3)
+    assert auto.GuidedConfig.from_json(q.to_json()) == q
+    with pytest.raises(ValueError, match="unknown GridConfig settings"):
+        auto.GridConfig.from_dict({"probabilty": 0.5})
+    with pytest.raises(ValueError, match="must not exceed the peak"):
+        auto.DistanceConfig(peak=0.1, fill=0.2).validate()
+    with pytest.raises(ValueError, match="nms_iou"):
+        auto.GridConfig(nms_iou=1.5).validate()
+    with pytest.raises(ValueError, match="has no setting peak"):
+        auto.make_config("grid", peak=0.4)
+    with pytest.raises(ValueError, match="unknown mode"):
+        auto.make_config("magic")
+    assert auto.make_config("guided", peak=0.6, probability=0.2).distance.peak == 0.6
+
+
+def test_inputs_are_not_modified(tiny_vit):
+    image = np.random.default_rng(0).random((40, 40)).astype(np.float32)
+    before = image.copy()
+    auto.segment(image, tiny_vit, mode="grid", config=auto.GridConfig(points_per_side=2))
+    assert np.array_equal(image, before)

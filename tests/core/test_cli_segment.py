@@ -1,0 +1,118 @@
+"""``napari-cellseg segment``: folders, a corrupt file, multi-page stacks, modes and exit codes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from skimage.draw import disk
+
+from napari_cellseg.cli import main
+from napari_cellseg.core import models
+from napari_cellseg.core.checkpoint_convert import sam_to_hf
+
+
+def _image(seed=0, shape=(64, 64)):
+    rng = np.random.default_rng(seed)
+    img = rng.normal(100, 5, shape)
+    rr, cc = disk((shape[0] // 2, shape[1] // 2), 12, shape=shape)
+    img[rr, cc] += 80
+    return img.astype(np.uint16)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.save(models.build_sam("vit_test").state_dict(), path)
+    return path
+
+
+GRID = ["--mode", "grid", "--points-per-side", "3", "--max-area", "1.0", "--device", "cpu"]
+
+
+def test_folder_with_a_corrupt_file_reports_it_and_segments_the_rest(tmp_path, tiny_checkpoint, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    tifffile.imwrite(folder / "a.tif", _image(0))
+    tifffile.imwrite(folder / "b.tif", _image(1))
+    (folder / "broken.tif").write_bytes(b"this is not a tiff")
+    (folder / "notes.txt").write_text("ignored")
+    out = tmp_path / "out"
+    code = main(["segment", str(folder), "--model", str(tiny_checkpoint), "--out", str(out), *GRID])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a_labels.tif", "b_labels.tif"]
+    assert "skipped" in captured.err and "broken.tif" in captured.err
+    assert "2 segmented, 1 skipped" in captured.err
+    assert "a.tif: " in captured.out and "cells" in captured.out
+    labels = tifffile.imread(out / "a_labels.tif")
+    assert labels.shape == (64, 64) and labels.dtype == np.uint16
+
+
+def test_multipage_tiff_is_segmented_plane_by_plane(tmp_path, tiny_checkpoint, capsys):
+    stack = np.stack([_image(i) for i in range(3)])
+    src = tmp_path / "stack.tif"
+    tifffile.imwrite(src, stack, photometric="minisblack")  # three pages
+    out = tmp_path / "out"
+    code = main(["segment", str(src), "--model", str(tiny_checkpoint), "--out", str(out), *GRID])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    labels = tifffile.imread(out / "stack_labels.tif")
+    assert labels.shape == (3, 64, 64)
+    assert "in 3 planes" in captured.out
+    assert "plane 3/3" in captured.err  # the progress bar names the planes
+
+
+def test_all_inputs_failing_exits_with_2(tmp_path, tiny_checkpoint, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG garbage")
+    code = main(["segment", str(bad), str(tmp_path / "missing.tif"), "--model", str(tiny_checkpoint),
+                 "--out", str(tmp_path / "out"), *GRID])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "bad.png" in captured.err and "missing.tif" in captured.err
+    assert main(["segment", "--out", str(tmp_path / "o")]) == 2
+    assert "give at least one INPUT" in capsys.readouterr().err
+
+
+def test_distance_mode_needs_a_distance_model_or_the_output_flag(tmp_path, capsys):
+    src = tmp_path / "img.tif"
+    tifffile.imwrite(src, _image(2, (80, 70)))
+    # a SAMCell-like checkpoint: HuggingFace key layout, no metadata
+    ckpt = tmp_path / "samcell.pt"
+    torch.save(sam_to_hf(models.build_sam("vit_test").state_dict()), ckpt)
+    out = tmp_path / "out"
+    code = main(["segment", str(src), "--model", str(ckpt), "--mode", "distance", "--out", str(out),
+                 "--device", "cpu"])
+    assert code == 2
+    assert "Fine-tune one with the distance recipe, or use grid mode" in capsys.readouterr().err
+    code = main(["segment", str(src), "--model", str(ckpt), "--output", "distance", "--peak", "0.6",
+                 "--fill", "0.2", "--out", str(out), "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "distance mode" in captured.err  # the default mode of a distance model
+    assert tifffile.imread(out / "img_labels.tif").shape == (80, 70)
+    code = main(["segment", str(src), "--model", str(ckpt), "--output", "distance", "--mode", "guided",
+                 "--out", str(out), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+
+
+def test_thresholds_of_another_mode_are_a_user_error(tmp_path, tiny_checkpoint, capsys):
+    src = tmp_path / "img.tif"
+    tifffile.imwrite(src, _image())
+    code = main(["segment", str(src), "--model", str(tiny_checkpoint), "--peak", "0.5", "--out",
+                 str(tmp_path / "o"), *GRID])
+    assert code == 2
+    assert "grid mode has no setting peak" in capsys.readouterr().err
+
+
+def test_sample_image(tmp_path, tiny_checkpoint, capsys):
+    pytest.importorskip("napari_cellseg.core.io").load_sample  # the shipped sample
+    out = tmp_path / "out"
+    code = main(["segment", "--sample", "cells", "--model", str(tiny_checkpoint), "--out", str(out),
+                 "--mode", "grid", "--points-per-side", "2", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert tifffile.imread(out / "cells_labels.tif").shape == (512, 512)
+    assert "sample:cells" in captured.out

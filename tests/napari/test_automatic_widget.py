@@ -1,0 +1,203 @@
+"""The automatic-segmentation widget: worker runs, live thresholds, cancel, errors and stacks."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from skimage.draw import disk
+
+from napari_cellseg.core import automatic as auto
+from napari_cellseg.core.models import random_model
+from napari_cellseg.core.progress import Progress
+
+pytestmark = pytest.mark.gui
+
+widget_module = pytest.importorskip("napari_cellseg._napari.automatic_widget")
+AutomaticWidget = widget_module.AutomaticWidget
+
+
+def _cells(shape=(96, 96)):
+    rng = np.random.default_rng(0)
+    image = rng.normal(0.1, 0.02, shape)
+    for c, r in (((30, 30), 12), ((65, 60), 15)):
+        rr, cc = disk(c, r, shape=shape)
+        image[rr, cc] += 0.6
+    return image.astype(np.float32)
+
+
+def _confident_tiny_model():
+    model = random_model("vit_test", seed=0)
+    model.sam.mask_decoder.iou_prediction_head.layers[-1].bias.data += 1.0
+    return model
+
+
+def _count_calls(model):
+    calls = []
+    model.sam.image_encoder.register_forward_hook(lambda *a: calls.append("encoder"))
+    model.sam.mask_decoder.register_forward_hook(lambda *a: calls.append("decoder"))
+    return calls
+
+
+@pytest.fixture
+def setup(make_napari_viewer):
+    viewer = make_napari_viewer()
+    widget = AutomaticWidget(viewer, debounce_ms=1)
+    return viewer, widget
+
+
+def _select_mode(widget, mode):
+    widget.mode_combo.setCurrentIndex(widget.mode_combo.findData(mode))
+
+
+def test_grid_run_creates_a_new_labels_layer_and_sliders_do_not_call_the_network(setup, qtbot):
+    viewer, widget = setup
+    viewer.add_image(_cells(), name="cells")
+    user_layer = viewer.add_labels(np.zeros((96, 96), np.int32), name="cells grid labels")  # the user's own
+    model = _confident_tiny_model()
+    calls = _count_calls(model)
+    widget.set_model(model)
+    _select_mode(widget, "grid")
+    widget.points_spin.setValue(4)
+    widget.max_area_spin.setValue(100)
+    widget.sliders["probability"].setValue(0.5)
+    widget.sliders["stability"].setValue(0.0)
+    widget.run_button.click()
+    assert not widget.run_button.isEnabled() and widget.cancel_button.isEnabled()
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60000)
+    out = widget.output_layer()
+    assert out is not None and out is not user_layer
+    assert out.name.startswith("cells grid labels") and out.data.shape == (96, 96)
+    assert not user_layer.data.any()  # never written
+    assert widget.progress.value() == 1000
+    assert "cells" in widget.status.text() or "lower" in widget.status.text()
+    n_calls = len(calls)
+    assert n_calls == 2  # one encoder pass, one decoder batch of 16 prompts
+    # slider moves re-run only the post-processing and update the same layer
+    before = out.data.copy()
+    widget.sliders["probability"].setValue(1.0)
+    qtbot.waitUntil(lambda: widget.last_relabel_ms > 0, timeout=5000)
+    assert out.data.max() == 0 and "lower the probability threshold" in widget.status.text()
+    widget.sliders["probability"].setValue(0.5)
+    widget.apply_thresholds()
+    assert np.array_equal(out.data, before)
+    assert len(calls) == n_calls
+    assert widget.output_layer() is out and len(viewer.layers) == 3
+    # a second run updates the same layer
+    widget.run_button.click()
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60000)
+    assert widget.output_layer() is out and len(viewer.layers) == 3
+
+
+def test_distance_mode_with_a_distance_model_and_live_peak(setup, qtbot):
+    viewer, widget = setup
+    viewer.add_image(_cells((120, 100)), name="img")
+    model = auto.as_distance_model(random_model("vit_test", seed=2))
+    calls = _count_calls(model)
+    widget.set_model(model)
+    _select_mode(widget, "distance")
+    widget.min_size_spin.setValue(0)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60000)
+    out = widget.output_layer()
+    assert out is not None and out.name == "img distance labels"
+    dmap = widget._results[0].distance_map
+    n = len(calls)
+    # choose a peak inside the map's range: a real change of the labels, without the network
+    widget.sliders["fill"].setValue(0.0)
+    widget.sliders["peak"].setValue(float(np.round(np.quantile(dmap, 0.5), 2)))
+    ms = widget.apply_thresholds()
+    assert out.data.max() > 0
+    assert len(calls) == n
+    assert ms < 1000
+
+
+def test_distance_mode_with_a_plain_model_reports_what_to_do(setup, qtbot, monkeypatch):
+    viewer, widget = setup
+    viewer.add_image(_cells(), name="cells")
+    errors = []
+    monkeypatch.setattr(widget_module, "show_error", errors.append)
+    widget.set_model(random_model("vit_test"))
+    _select_mode(widget, "distance")
+    widget.run()
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60000)
+    assert errors and "Fine-tune one with the distance recipe, or use grid mode" in errors[0]
+    assert widget.output_layer() is None
+    # the distance box marks a checkpoint such as SAMCell's as a distance model
+    widget.distance_check.setChecked(True)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60000)
+    assert widget.output_layer() is not None
+
+
+def test_cancel_stops_the_worker_and_reenables_the_controls(setup, qtbot, monkeypatch):
+    viewer, widget = setup
+    viewer.add_image(_cells(), name="cells")
+    widget.set_model(random_model("vit_test"))
+
+    def endless(*args, **kwargs):
+        i = 0
+        while True:
+            time.sleep(0.01)
+            i += 1
+            yield Progress(i % 100, 100, "working")
+
+    monkeypatch.setattr(widget_module.auto, "segment_steps", endless)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.status.text() == "working", timeout=10000)
+    widget.cancel_button.click()
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=10000)
+    assert widget.status.text() == "cancelled"
+    assert widget.output_layer() is None and len(viewer.layers) == 1
+
+
+def test_stack_current_plane_and_all_planes_on_copies(setup, qtbot, monkeypatch):
+    viewer, widget = setup
+    stack = np.stack([_cells(), _cells()[::-1], _cells()[:, ::-1]])
+    layer = viewer.add_image(stack, name="stack")
+    viewer.dims.set_current_step(0, 2)
+    seen = []
+
+    def fake(plane, model, mode, config, prompt_model=None):
+        seen.append(plane)
+        yield Progress(1, 1, "one plane")
+        labels = np.zeros(plane.shape, np.int32)
+        labels[plane > 0.5] = 1
+        return auto.GridResult("grid", labels, thresholds=dict(
+            probability=0.8, stability=0.6, nms_iou=0.05, min_area=20, max_area_fraction=0.1))
+
+    monkeypatch.setattr(widget_module.auto, "segment_steps", fake)
+    widget.set_model(random_model("vit_test"))
+    _select_mode(widget, "grid")
+    widget.run()
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=30000)
+    out = widget.output_layer()
+    assert out.data.shape == (3, 96, 96)
+    assert out.data[2].any() and not out.data[0].any() and not out.data[1].any()
+    assert len(seen) == 1 and np.array_equal(seen[0], stack[2])
+    assert not np.shares_memory(seen[0], layer.data)
+    widget.all_planes_check.setChecked(True)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=30000)
+    assert len(seen) == 4 and all(out.data[i].any() for i in range(3))
+    assert widget.output_layer() is out
+    assert "3 planes" in widget.status.text()
+
+
+def test_model_entry_follows_the_session(setup):
+    from napari_cellseg._napari.session import session_for
+
+    viewer, widget = setup
+    assert widget.model_combo.itemText(0) == "session: litemedsam"
+    session_for(viewer).select("vit_b")
+    assert widget.model_combo.itemText(0) == "session: vit_b"
+
+
+def test_no_image_layer_is_an_error_not_a_crash(setup, monkeypatch):
+    viewer, widget = setup
+    errors = []
+    monkeypatch.setattr(widget_module, "show_error", errors.append)
+    widget.run()
+    assert errors and "add an image layer" in errors[0]
+    assert widget.run_button.isEnabled()
