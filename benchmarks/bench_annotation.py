@@ -1,0 +1,281 @@
+"""Interactive annotation: embedding time, prompt-to-preview latency, and box-prompt IoU with and without zoom.
+
+Three figures, on this machine's CPU:
+
+1. Time to embed: LiteMedSAM (real weights) on a whole 1022 x 1024 Usiigaci image and on one zoom window, and a
+   randomly initialised SAM vit_b (the real architecture; speed does not depend on the weights) on the whole image.
+2. Latency from a prompt change to the preview, core path (the part the GUI waits for once the embedding is cached):
+   window lookup + prompt encoding + mask decoding + upsampling + pasting the object into a preview label plane.
+   p50 / p95 over ``--latency-prompts`` box prompts at ground-truth cell boxes. Goals: p50 <= 30 ms LiteMedSAM,
+   <= 100 ms vit_b.
+3. Box-prompt quality, zero-shot LiteMedSAM: mean IoU of the mask answering each ground-truth box with the cell's
+   ground-truth mask, on the team's validation images of usiigaci-phase-train (sets 36-45; ground truth = the largest
+   connected component of each label, as SOURCE.md advises), with the whole image shrunk to 256 px (zoom off) and
+   with the prompt-centred zoom. The zoom embeds one window per cell, so cells are sampled (``--cells-per-image``,
+   seeded); the whole-image figure is given on the same sample and on every cell. The zoom's settings were chosen
+   on training images (sets 1-35) only.
+
+Usage: python benchmarks/bench_annotation.py [--parts embed latency iou] [--cells-per-image 8] [--latency-prompts 60]
+       [--threads 1] [--seed 0] [--json FILE] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from _common import USIIGACI_VALIDATION, header, require_shared_data
+
+
+def gt_cells(gt: np.ndarray):
+    """(label, box (r0, c0, r1, c1), mask crop) of every label, keeping its largest connected component."""
+    from scipy import ndimage as ndi
+
+    out = []
+    for lab, sl in enumerate(ndi.find_objects(gt), start=1):
+        if sl is None:
+            continue
+        crop = gt[sl] == lab
+        comp, n = ndi.label(crop)
+        if n > 1:
+            sizes = np.bincount(comp.ravel())
+            sizes[0] = 0
+            crop = comp == sizes.argmax()
+        rr, cc = np.nonzero(crop)
+        r0, c0 = sl[0].start + rr.min(), sl[1].start + cc.min()
+        box = (int(r0), int(c0), int(sl[0].start + rr.max() + 1), int(sl[1].start + cc.max() + 1))
+        mask = crop[rr.min() : rr.max() + 1, cc.min() : cc.max() + 1]
+        out.append((lab, box, mask))
+    return out
+
+
+def iou(obj, box, mask) -> float:
+    """IoU of an ObjectMask with a ground-truth mask given as a crop at ``box``."""
+    r0 = min(obj.bbox[0], box[0])
+    c0 = min(obj.bbox[1], box[1])
+    r1 = max(obj.bbox[2], box[2])
+    c1 = max(obj.bbox[3], box[3])
+    a = np.zeros((r1 - r0, c1 - c0), bool)
+    b = np.zeros_like(a)
+    if obj.area:
+        a[obj.bbox[0] - r0 : obj.bbox[2] - r0, obj.bbox[1] - c0 : obj.bbox[3] - c0] = obj.mask
+    b[box[0] - r0 : box[2] - r0, box[1] - c0 : box[3] - c0] = mask
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 0.0
+
+
+def percentiles(ms: list[float]) -> dict:
+    a = np.asarray(ms)
+    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)), "n": len(a)}
+
+
+def latency(seg, prompts, preview: np.ndarray) -> tuple[list[float], list[float]]:
+    """Wall and CPU milliseconds from a prompt change to the object painted in the preview plane (cached embeddings)."""
+    from napari_cellseg.core.interactive import objects_to_labels
+
+    wall, cpu = [], []
+    painted = None
+    for p in prompts:
+        t, c = time.perf_counter(), time.process_time()
+        objs = seg.segment_many([p])
+        if painted is not None:  # clear the previous object, paint the new one (what the widget does)
+            r0, c0, r1, c1 = painted
+            preview[r0:r1, c0:c1] = 0
+        objects_to_labels(objs, preview.shape, out=preview)
+        painted = objs[0].bbox
+        wall.append((time.perf_counter() - t) * 1000)
+        cpu.append((time.process_time() - c) * 1000)
+    return wall, cpu
+
+
+def latency_stats(seg, prompts, preview) -> dict:
+    latency(seg, prompts[:3], preview)  # warm-up
+    wall, cpu = latency(seg, prompts, preview)
+    out = percentiles(wall)
+    out["cpu_p50_ms"] = float(np.percentile(cpu, 50))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=["embed", "latency", "iou"], choices=["embed", "latency", "iou"])
+    parser.add_argument("--cells-per-image", type=int, default=8, help="cells sampled per validation image for the zoom IoU")
+    parser.add_argument("--latency-prompts", type=int, default=60)
+    parser.add_argument("--images", type=int, default=len(USIIGACI_VALIDATION), help="validation images used")
+    parser.add_argument("--skip-vit-b", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 by default: on a machine shared with other jobs, more threads than "
+                             "free cores makes every figure several times slower)")
+    parser.add_argument("--tuned-threshold", type=float, default=-2.0,
+                        help="second mask threshold reported (chosen on training sets 1-35)")
+    parser.add_argument("--json", default=None, help="write the figures as JSON here")
+    parser.add_argument("--out", default=None, help="append the markdown report to this file")
+    args = parser.parse_args()
+
+    import tifffile
+
+    from napari_cellseg.core.interactive import AnnotationConfig, InteractiveSegmenter, ObjectPrompt
+    from napari_cellseg.core.models import load_model, random_model
+
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    load_before = os.getloadavg()
+    root = require_shared_data() / "usiigaci-phase-train"
+    names = USIIGACI_VALIDATION[: args.images]
+    data = [(n, tifffile.imread(root / "images" / f"{n}.tif"), tifffile.imread(root / "masks" / f"{n}.tif"))
+            for n in names]
+    rng = np.random.default_rng(args.seed)
+    lite = load_model("litemedsam", device="cpu")
+    results: dict = {"config": AnnotationConfig().to_dict(), "threads": args.threads}
+    name0, image0, gt0 = data[0]
+    cells0 = gt_cells(gt0)
+    whole = InteractiveSegmenter(lite, config=AnnotationConfig(zoom="off", mask_threshold=0.0))
+    zoom = InteractiveSegmenter(lite, config=AnnotationConfig(mask_threshold=0.0))
+    vitb = None if args.skip_vit_b or not {"embed", "latency"} & set(args.parts) else random_model("vit_b")
+    vseg = InteractiveSegmenter(vitb, config=AnnotationConfig(mask_threshold=0.0)) if vitb is not None else None
+
+    # -- 1. embedding time ------------------------------------------------------------------
+    if "embed" in args.parts:
+        emb = {}
+        t = []
+        for _ in range(3):
+            whole.cache.clear()
+            whole.set_image(image0)
+            whole._image01 = None  # include the normalisation
+            t0 = time.perf_counter()
+            list(whole.precompute())
+            t.append(time.perf_counter() - t0)
+        emb["litemedsam_whole_image_s"] = float(np.median(t))
+        zoom.set_image(image0)
+        t = []
+        for k in range(3):
+            zoom.cache.clear()
+            t0 = time.perf_counter()
+            list(zoom.prepare([ObjectPrompt(box=cells0[k][1])]))
+            t.append(time.perf_counter() - t0)
+        emb["litemedsam_zoom_window_s"] = float(np.median(t))
+        if vseg is not None:
+            vseg.set_image(image0)
+            t0 = time.perf_counter()
+            list(vseg.precompute())
+            emb["vit_b_whole_image_s"] = time.perf_counter() - t0
+            emb["vit_b_zoom_active"] = vseg.zoom_active()
+        results["embedding"] = emb
+        print("embedding:", json.dumps(emb), flush=True)
+
+    # -- 2. latency prompt -> preview ----------------------------------------------------------
+    if "latency" in args.parts:
+        idx = rng.choice(len(cells0), size=min(args.latency_prompts, len(cells0)), replace=False)
+        prompts0 = [ObjectPrompt(box=cells0[i][1]) for i in idx]
+        lat = {}
+        preview = np.zeros(image0.shape, np.uint16)
+        # embeddings first: the latency is what the GUI waits for once they are cached
+        for seg in (zoom, whole, vseg):
+            if seg is not None:
+                seg.set_image(image0)
+                list(seg.precompute()) if seg is not zoom else list(seg.prepare(prompts0))
+        lat["litemedsam_zoom"] = latency_stats(zoom, prompts0, preview)
+        lat["litemedsam_whole_image"] = latency_stats(whole, prompts0, preview)
+        if vseg is not None:
+            lat["vit_b_whole_image"] = latency_stats(vseg, prompts0, preview)
+        results["latency"] = lat
+        print("latency:", json.dumps(lat), flush=True)
+
+    # -- 3. box-prompt IoU ------------------------------------------------------------------------
+    if "iou" in args.parts:
+        thresholds = {"default": 0.0, "tuned": args.tuned_threshold}
+        scores = {f"{mode}_{t}": [] for mode in ("whole_sample", "zoom_sample") for t in thresholds}
+        scores["whole_all_default"] = []
+        windows = 0
+        n_cells_all = 0
+        base = {"whole": whole.config, "zoom": zoom.config}
+        for name, image, gt in data:
+            cells = gt_cells(gt)
+            n_cells_all += len(cells)
+            prompts = [ObjectPrompt(box=b) for _, b, _ in cells]
+            pick = rng.choice(len(cells), size=min(args.cells_per_image, len(cells)), replace=False)
+            sample = [prompts[i] for i in pick]
+            whole.set_image(image)
+            zoom.set_image(image)
+            windows += len(zoom.missing_windows(sample))
+            list(zoom.prepare(sample))
+            for tname, thr in thresholds.items():
+                whole.config = replace(base["whole"], mask_threshold=thr)
+                zoom.config = replace(base["zoom"], mask_threshold=thr)
+                if tname == "default":  # every cell (one embedding per image), at SAM's threshold
+                    objs = whole.segment_many(prompts)
+                    s_all = [iou(o, b, m) for o, (_, b, m) in zip(objs, cells)]
+                    scores["whole_all_default"] += s_all
+                    scores["whole_sample_default"] += [s_all[i] for i in pick]
+                else:
+                    objs = whole.segment_many(sample)
+                    scores[f"whole_sample_{tname}"] += [iou(o, cells[i][1], cells[i][2]) for o, i in zip(objs, pick)]
+                zobjs = zoom.segment_many(sample)
+                scores[f"zoom_sample_{tname}"] += [iou(o, cells[i][1], cells[i][2]) for o, i in zip(zobjs, pick)]
+            whole.config, zoom.config = base["whole"], base["zoom"]
+            zoom.cache.clear()
+            whole.cache.clear()
+            print(f"{name}: {len(cells)} cells, whole {np.mean(scores['whole_all_default'][-len(cells):]):.3f}, "
+                  f"zoom sample {np.mean(scores['zoom_sample_default'][-len(pick):]):.3f}", flush=True)
+        zs = np.asarray(scores["zoom_sample_tuned"])
+        results["iou"] = {
+            "validation_images": names,
+            "cells_all": n_cells_all,
+            "cells_sampled": len(scores["zoom_sample_default"]),
+            "zoom_windows_embedded": windows,
+            "thresholds": thresholds,
+            **{f"mean_{k}": float(np.mean(v)) for k, v in scores.items()},
+            "median_zoom_sample_default": float(np.median(scores["zoom_sample_default"])),
+            "stderr_zoom_sample_tuned": float(zs.std(ddof=1) / np.sqrt(len(zs))) if len(zs) > 1 else float("nan"),
+        }
+        print("iou:", json.dumps(results["iou"]), flush=True)
+    results["runtime_s"] = time.perf_counter() - t_start
+    results["loadavg_before_after"] = [load_before, os.getloadavg()]
+
+    lines = [header("Interactive annotation (bench_annotation.py)"),
+             f"- Load average before / after (other jobs on the machine): "
+             f"{load_before[0]:.1f} / {os.getloadavg()[0]:.1f}; runtime {results['runtime_s'] / 60:.1f} min\n",
+             "| figure | LiteMedSAM, zoom | LiteMedSAM, whole image | vit_b (random), whole image |",
+             "|---|---|---|---|"]
+    if "embedding" in results:
+        e = results["embedding"]
+        lines.append(f"| time to embed (s) | {e['litemedsam_zoom_window_s']:.2f} per window | "
+                     f"{e['litemedsam_whole_image_s']:.2f} | {e.get('vit_b_whole_image_s', float('nan')):.1f} |")
+    if "latency" in results:
+        la = results["latency"]
+        row = "| prompt -> preview p50 / p95 wall (ms) |"
+        cpu = "| prompt -> preview p50 CPU time (ms) |"
+        for k in ("litemedsam_zoom", "litemedsam_whole_image", "vit_b_whole_image"):
+            row += f" {la[k]['p50_ms']:.0f} / {la[k]['p95_ms']:.0f} |" if k in la else " - |"
+            cpu += f" {la[k]['cpu_p50_ms']:.0f} |" if k in la else " - |"
+        lines += [row, cpu]
+    if "iou" in results:
+        q = results["iou"]
+        tuned = f"{args.tuned_threshold:g}"
+        lines.append(f"| box-prompt mean IoU, {q['cells_sampled']} sampled cells, mask threshold 0 | "
+                     f"{q['mean_zoom_sample_default']:.3f} | {q['mean_whole_sample_default']:.3f} | - |")
+        lines.append(f"| box-prompt mean IoU, {q['cells_sampled']} sampled cells, mask threshold {tuned} | "
+                     f"{q['mean_zoom_sample_tuned']:.3f} ± {q['stderr_zoom_sample_tuned']:.3f} | "
+                     f"{q['mean_whole_sample_tuned']:.3f} | - |")
+        lines.append(f"| box-prompt mean IoU, all {q['cells_all']} cells, mask threshold 0 | - | "
+                     f"{q['mean_whole_all_default']:.3f} | - |")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.write(report + "\n")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

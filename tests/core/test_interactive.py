@@ -1,0 +1,433 @@
+"""Interactive segmentation core: embedding cache, prompt-centred zoom, batched objects, commit plans."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from napari_cellseg.core.interactive import (
+    AnnotationConfig,
+    CacheKey,
+    EmbeddingCache,
+    InteractiveSegmenter,
+    ObjectMask,
+    ObjectPrompt,
+    Window,
+    choose_window,
+    group_prompts,
+    model_fingerprint,
+    objects_to_labels,
+    plan_commit,
+    resolve_mask_threshold,
+    segment_boxes,
+    window_ladder,
+)
+from napari_cellseg.core.models import random_model
+from napari_cellseg.core.predictor import Embedding, Predictor
+from napari_cellseg.core.preprocess import ResizeTransform, normalize_image
+
+
+@pytest.fixture
+def image():
+    rng = np.random.default_rng(0)
+    img = rng.normal(0.1, 0.02, (300, 260)).astype(np.float32)
+    img[40:80, 50:100] += 0.6
+    img[200:240, 150:190] += 0.6
+    return img
+
+
+# ---------------------------------------------------------------- configuration and geometry
+
+
+def test_config_round_trips_and_validates():
+    cfg = AnnotationConfig(zoom="on", context=2.5, disk_cache=True)
+    assert AnnotationConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="zoom"):
+        AnnotationConfig(zoom="maybe")
+    with pytest.raises(ValueError, match="context"):
+        AnnotationConfig(context=0.5)
+    with pytest.raises(ValueError, match="unknown annotation settings"):
+        AnnotationConfig.from_dict({"zom": "on"})
+
+
+def test_window_ladder_is_increasing_and_ends_at_the_maximum():
+    assert window_ladder(256, 1024) == [256, 368, 512, 720, 1024]
+    assert window_ladder(64, 100) == [64, 96, 100]
+    assert window_ladder(256, 200) == [200]
+
+
+@pytest.mark.parametrize("box", [(500, 500, 540, 560), (0, 0, 30, 30), (990, 1000, 1022, 1024), (100, 900, 260, 1020)])
+def test_zoom_window_holds_the_prompt_with_context_inside_the_image(box):
+    shape = (1022, 1024)
+    w = choose_window(box, shape, 256, context=3.0, min_margin=0.125)
+    assert 0 <= w.r0 < w.r1 <= shape[0] and 0 <= w.c0 < w.c1 <= shape[1]
+    assert w.shape[0] >= 256 and w.shape[1] >= 256
+    assert w.contains(tuple(int(round(v)) for v in box))
+    ext = max(box[2] - box[0], box[3] - box[1])
+    grown = (max(0, box[0] - ext), max(0, box[1] - ext), min(shape[0], box[2] + ext), min(shape[1], box[3] + ext))
+    assert w.contains(grown)  # a margin of one box size on each side (context 3)
+    assert w.side in window_ladder(256, 1024)
+
+
+def test_zoom_window_is_centred_and_native_for_small_prompts():
+    w = choose_window((500, 500, 540, 560), (1024, 1024), 256)
+    assert w.shape == (256, 256)
+    cr, cc = w.centre
+    assert abs(cr - 520) <= 16 and abs(cc - 530) <= 16  # grid of side / 8 = 32 px
+
+
+def test_zoom_window_grows_for_large_prompts_and_covers_small_images():
+    w = choose_window((300, 300, 500, 460), (1024, 1024), 256, context=3.0)
+    assert w.side == 720  # 200 px * 3 = 600 -> next ladder side
+    assert choose_window((10, 10, 20, 20), (100, 120), 256) == Window(0, 0, 100, 120)
+
+
+def test_zoom_window_reuses_a_cached_window_that_holds_the_prompt():
+    first = choose_window((500, 500, 530, 530), (1024, 1024), 256)
+    # a prompt a few pixels away gets the same window from the candidates
+    near = choose_window((510, 495, 540, 526), (1024, 1024), 256, candidates=[first])
+    assert near == first
+    # a far one does not
+    far = choose_window((100, 100, 130, 130), (1024, 1024), 256, candidates=[first])
+    assert far != first
+
+
+def test_window_helpers():
+    w = Window(10, 20, 74, 84)
+    assert w.slices == (slice(10, 74), slice(20, 84))
+    assert w.offset == (10, 20) and w.side == 64
+    assert Window.whole((5, 7)) == Window(0, 0, 5, 7)
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def test_group_prompts_rules():
+    # no box: all points make one object
+    objs, ignored = group_prompts([[5, 5], [9, 9]], [1, 0], None)
+    assert len(objs) == 1 and ignored == 0 and list(objs[0].labels) == [1, 0]
+    # negatives alone make nothing
+    objs, ignored = group_prompts([[5, 5]], [0], None)
+    assert objs == [] and ignored == 1
+    # one object per point: negatives go with every positive point
+    objs, _ = group_prompts([[5, 5], [50, 50], [9, 9]], [1, 1, 0], None, one_per_point=True)
+    assert len(objs) == 2 and all(list(o.labels) == [1, 0] for o in objs)
+    # one box takes every point
+    objs, _ = group_prompts([[5, 5], [90, 90]], [1, 0], [[0, 0, 20, 20]])
+    assert len(objs) == 1 and len(objs[0].points) == 2
+    # several boxes: points go to the (smallest) box holding them, others are ignored
+    objs, ignored = group_prompts([[5, 5], [55, 55], [200, 200]], [1, 0, 1], [[0, 0, 20, 20], [40, 40, 80, 80],
+                                                                               [0, 0, 100, 100]])
+    assert len(objs) == 3 and ignored == 1
+    assert len(objs[0].points) == 1 and len(objs[1].points) == 1 and len(objs[2].points) == 0
+    # one object per point with boxes: positive points outside the boxes are objects of their own
+    objs, ignored = group_prompts([[5, 5], [200, 200]], [1, 1], [[0, 0, 20, 20]], one_per_point=True)
+    assert len(objs) == 2 and objs[1].box is None
+
+
+def test_object_prompt_validates():
+    with pytest.raises(ValueError, match="labels"):
+        ObjectPrompt(points=[[1, 2], [3, 4]], labels=[1])
+    with pytest.raises(ValueError, match="NaN"):
+        ObjectPrompt(box=[0, 0, np.nan, 3])
+    p = ObjectPrompt(points=[[10, 10], [30, 40]], labels=[1, 0], box=[5, 5, 20, 20])
+    assert p.extent() == (5.0, 5.0, 20.0, 20.0)  # negatives do not move the window
+    assert ObjectPrompt(points=[[3, 4]], labels=[0]).is_empty
+
+
+# ---------------------------------------------------------------- cache
+
+
+def _emb(seed=0, c=8):
+    g = torch.Generator().manual_seed(seed)
+    return Embedding(torch.randn(1, c, 4, 4, generator=g), ResizeTransform((10, 12), 64), "m")
+
+
+def test_cache_hits_misses_and_lru_eviction():
+    one = _emb()
+    nbytes = one.features.nelement() * 4
+    cache = EmbeddingCache(max_bytes=2 * nbytes)
+    keys = [CacheKey("img", "m", "n", Window(0, 0, 10, i + 1)) for i in range(3)]
+    assert cache.get(keys[0]) is None and cache.misses == 1
+    cache.put(keys[0], _emb(0))
+    cache.put(keys[1], _emb(1))
+    assert cache.get(keys[0]) is not None and cache.hits == 1  # keys[0] is now the most recent
+    cache.put(keys[2], _emb(2))  # over budget: keys[1] (least recently used) leaves
+    assert keys[0] in cache and keys[2] in cache and keys[1] not in cache
+    assert cache.nbytes == 2 * nbytes and len(cache) == 2
+    assert cache.forget(image="img") == 2 and len(cache) == 0 and cache.nbytes == 0
+
+
+def test_cache_is_invalidated_when_the_image_data_change(tiny_vit, image):
+    seg = InteractiveSegmenter(tiny_vit)
+    key1 = seg.set_image(image)
+    seg.segment(ObjectPrompt(box=(40, 50, 80, 100)))
+    assert len(seg.cache) == 1
+    assert seg.missing_windows([ObjectPrompt(box=(40, 50, 80, 100))]) == []  # hit
+    edited = image.copy()
+    edited[0, 0] += 1.0
+    key2 = seg.set_image(edited)
+    assert key2 != key1
+    assert len(seg.missing_windows([ObjectPrompt(box=(40, 50, 80, 100))])) == 1  # miss: recomputed
+    # the same content again is a hit, whatever array holds it
+    seg.set_image(image.copy())
+    assert seg.missing_windows([ObjectPrompt(box=(40, 50, 80, 100))]) == []
+
+
+def test_disk_cache_round_trip(tmp_path, tiny_vit, image):
+    disk = tmp_path / "embeddings"
+    seg = InteractiveSegmenter(tiny_vit, cache=EmbeddingCache(disk_dir=disk))
+    seg.set_image(image)
+    prompt = ObjectPrompt(box=(40, 50, 80, 100))
+    first = seg.segment(prompt)
+    files = list(disk.glob("*.pt"))
+    assert len(files) == 1
+    # a fresh cache (a new napari session) finds the embedding on disk
+    seg2 = InteractiveSegmenter(tiny_vit, cache=EmbeddingCache(disk_dir=disk))
+    seg2.set_image(image)
+    assert seg2.missing_windows([prompt]) == []
+    second = seg2.segment(prompt)
+    assert seg2.cache.disk_hits == 1
+    assert np.array_equal(first.mask, second.mask) and first.offset == second.offset
+    key = seg2.key_for(first.window)
+    loaded = seg2.cache.get(key)
+    assert torch.equal(loaded.features, seg.cache.get(seg.key_for(first.window)).features)
+    # the file holds plain tensors and values: loadable without unpickling code
+    payload = torch.load(files[0], weights_only=True)
+    assert set(payload) >= {"features", "original_shape", "target", "model_name", "key"}
+    # a corrupt file is a miss, and is removed
+    files[0].write_bytes(b"not a torch file")
+    seg3 = InteractiveSegmenter(tiny_vit, cache=EmbeddingCache(disk_dir=disk))
+    seg3.set_image(image)
+    assert seg3.cache.get(key) is None and not files[0].exists()
+
+
+def test_model_fingerprint_tells_weights_apart():
+    a = random_model("vit_test", seed=0)
+    b = random_model("vit_test", seed=1)
+    assert model_fingerprint(a) == model_fingerprint(a)
+    assert model_fingerprint(a) != model_fingerprint(b)
+
+
+# ---------------------------------------------------------------- segmentation
+
+
+def test_zoom_masks_land_at_full_image_coordinates(tiny_vit, image):
+    """The zoomed answer equals embedding the window crop by hand and pasting it back."""
+    seg = InteractiveSegmenter(tiny_vit)
+    seg.set_image(image)
+    assert seg.zoom_active()  # 300 px > 1.5 * 64 px input
+    box = np.array([40, 50, 80, 100])
+    obj = seg.segment(ObjectPrompt(box=box))
+    w = obj.window
+    assert w.shape[0] >= 64 and w.contains(tuple(box))
+    assert w.shape[0] < image.shape[0]  # a real zoom, not the whole image
+    full = obj.to_full(image.shape)
+    assert full.shape == image.shape
+    outside = np.ones(image.shape, bool)
+    outside[w.slices] = False
+    assert not full[outside].any()  # the mask lies inside its window
+    # by hand: normalise the whole plane, crop the window, embed, decode the shifted box, paste
+    pred = Predictor(tiny_vit)
+    crop = normalize_image(image)[w.slices]
+    pred.set_embedding(pred.embed(np.ascontiguousarray(crop)))
+    local = box - np.array([w.r0, w.c0, w.r0, w.c0])
+    masks, _, _ = pred.decode(boxes_rc=local[None].astype(float))
+    expected = np.zeros(image.shape, bool)
+    expected[w.slices] = masks[0, 0]
+    assert np.array_equal(full, expected)
+    if obj.area:
+        r0, c0, r1, c1 = obj.bbox
+        assert obj.mask.shape == (r1 - r0, c1 - c0) and obj.mask[0].any() and obj.mask[:, 0].any()
+
+
+def test_zoom_off_uses_the_whole_plane(tiny_vit, image):
+    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(zoom="off"))
+    seg.set_image(image)
+    obj = seg.segment(ObjectPrompt(box=(40, 50, 80, 100)))
+    assert obj.window == Window.whole(image.shape)
+    pred = Predictor(tiny_vit)
+    pred.set_image(image)
+    masks, _ = pred.predict_boxes([[40, 50, 80, 100]])
+    assert np.array_equal(obj.to_full(image.shape), masks[0])
+
+
+def test_points_and_single_click(tiny_tinyvit, image):
+    seg = InteractiveSegmenter(tiny_tinyvit)
+    seg.set_image(image)
+    click = seg.segment(ObjectPrompt(points=[[60, 75]], labels=[1]))
+    assert click.window.contains((60, 75, 61, 76))
+    both = seg.segment(ObjectPrompt(points=[[60, 75], [200, 170]], labels=[1, 0], box=(40, 50, 80, 100)))
+    assert both.window.contains((40, 50, 80, 100))
+    with pytest.raises(ValueError, match="positive point"):
+        seg.segment_many([ObjectPrompt(points=[[3, 3]], labels=[0])])
+
+
+def test_batched_objects_match_one_by_one_and_share_windows(tiny_vit, image):
+    seg = InteractiveSegmenter(tiny_vit)
+    seg.set_image(image)
+    prompts = [ObjectPrompt(box=(40, 50, 80, 100)), ObjectPrompt(box=(45, 55, 75, 95)),
+               ObjectPrompt(box=(200, 150, 240, 190)), ObjectPrompt(points=[[220, 170]], labels=[1])]
+    windows = seg.windows_for(prompts)
+    assert windows[0] == windows[1]  # nearby prompts share one embedding
+    many = seg.segment_many(prompts)
+    assert len(seg.cache) == len(set(windows))
+    assert [o.prompt_index for o in many] == [0, 1, 2, 3]
+    for p, o in zip(prompts, many):
+        one = seg.segment(p)
+        assert one.window == o.window and one.offset == o.offset
+        assert np.array_equal(one.mask, o.mask)
+        assert abs(one.score - o.score) < 1e-4
+    # several boxes at once, through the helper
+    objs = segment_boxes(seg, [[40, 50, 80, 100], [200, 150, 240, 190]])
+    assert len(objs) == 2
+
+
+def test_precompute_tiles_cover_the_plane_and_are_reused(tiny_vit, image):
+    # native-resolution windows (as for large-input models): tiles of the model input serve the prompts
+    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(min_window=64))
+    seg.set_image(image)
+    gen = seg.precompute()
+    records = []
+    while True:
+        try:
+            records.append(next(gen))
+        except StopIteration as stop:
+            computed = stop.value
+            break
+    tiles = seg.tiles()
+    assert computed == len(tiles) == len(seg.cache)
+    assert records[-1].step == records[-1].total == computed
+    cover = np.zeros(image.shape, bool)
+    for t in tiles:
+        cover[t.slices] = True
+        assert t.shape == (64, 64)
+    assert cover.all()
+    # a small prompt is answered from a precomputed tile: nothing new to embed
+    assert seg.missing_windows([ObjectPrompt(box=(100, 100, 108, 108))]) == []
+    # running again computes nothing
+    assert list(seg.precompute())[-1].message == "embedding cached"
+
+
+def test_default_precompute_embeds_the_plane_for_instant_first_answers(tiny_vit, image):
+    seg = InteractiveSegmenter(tiny_vit)  # small input: per-prompt zoom windows of 16 px and more
+    seg.set_image(image)
+    assert seg.min_window == 16
+    assert list(seg.precompute())[-1].step == 1
+    assert seg.cached_windows() == {Window.whole(image.shape)}
+    prompt = ObjectPrompt(box=(40, 50, 80, 100))
+    assert seg.coarse_windows([prompt]) == [Window.whole(image.shape)]
+    records = []
+    gen = seg.run([prompt])
+    while True:
+        try:
+            records.append(next(gen))
+        except StopIteration as stop:
+            final = stop.value
+            break
+    coarse = records[0].data["objects"]
+    assert records[0].data["coarse"] and coarse[0].window == Window.whole(image.shape)
+    assert final[0].window != Window.whole(image.shape) and final[0].window.contains((40, 50, 80, 100))
+    assert len(seg.cache) == 2
+
+
+def test_run_generator_yields_progress_then_objects(tiny_vit, image):
+    seg = InteractiveSegmenter(tiny_vit)
+    seg.set_image(image)
+    gen = seg.run([ObjectPrompt(box=(40, 50, 80, 100))])
+    first = next(gen)
+    assert first.total == 1 and "embedding" in first.message
+    with pytest.raises(StopIteration) as stop:
+        while True:
+            next(gen)
+    assert len(stop.value.value) == 1
+
+
+def test_mask_threshold_defaults_and_monotonic_masks(tiny_vit, image):
+    from types import SimpleNamespace
+
+    lite_like = SimpleNamespace(name="litemedsam", entry=SimpleNamespace(name="litemedsam"), meta={})
+    assert resolve_mask_threshold(lite_like) == -2.0  # measured default for zero-shot LiteMedSAM
+    assert resolve_mask_threshold(lite_like, 0.5) == 0.5  # an explicit value wins
+    lite_like.meta["prompt_mask_threshold"] = -1.0  # e.g. written by fine-tuning
+    assert resolve_mask_threshold(lite_like) == -1.0
+    assert resolve_mask_threshold(tiny_vit) == 0.0  # SAM's own
+    prompt = ObjectPrompt(box=(40, 50, 80, 100))
+    areas = []
+    for t in (2.0, 0.0, -2.0):
+        seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(mask_threshold=t))
+        seg.set_image(image)
+        areas.append(seg.segment(prompt).to_full(image.shape))
+    assert (areas[0] <= areas[1]).all() and (areas[1] <= areas[2]).all()  # lower threshold, larger mask
+
+
+def test_objects_to_labels_paints_in_order():
+    w = Window(0, 0, 6, 6)
+    a = ObjectMask(np.ones((2, 2), bool), (1, 1), 0.5, w)
+    b = ObjectMask(np.ones((2, 2), bool), (2, 2), 0.5, w)
+    out = objects_to_labels([a, b], (6, 6))
+    assert out[1, 1] == 1 and out[2, 2] == 2 and out[3, 3] == 2 and out.sum() == 1 * 3 + 2 * 4
+
+
+# ---------------------------------------------------------------- commit planning
+
+
+def _obj(r0, c0, h, w, score=0.5):
+    return ObjectMask(np.ones((h, w), bool), (r0, c0), score, Window(0, 0, 20, 20))
+
+
+def test_commit_keeps_existing_labels_and_numbers_from_max_plus_one():
+    target = np.zeros((20, 20), np.uint16)
+    target[0:5, 0:5] = 7
+    target[15:20, 15:20] = 3
+    plan = plan_commit(target, [_obj(3, 3, 4, 4)])
+    assert plan.ids == [8]
+    out = target.copy()
+    out[plan.rows, plan.cols] = plan.values
+    assert (out[0:5, 0:5] == 7).all() and (out[15:, 15:] == 3).all()  # untouched
+    assert (out == 8).sum() == 16 - 4 and plan.kept_pixels == 4
+    assert target[3, 3] == 7  # the input is never modified
+
+
+def test_commit_overwrite_takes_every_pixel():
+    target = np.zeros((20, 20), np.uint16)
+    target[0:5, 0:5] = 7
+    plan = plan_commit(target, [_obj(3, 3, 4, 4)], overwrite=True)
+    out = target.copy()
+    out[plan.rows, plan.cols] = plan.values
+    assert (out == 8).sum() == 16 and (out == 7).sum() == 25 - 4
+
+
+def test_commit_overlapping_new_objects_and_skips():
+    target = np.zeros((20, 20), np.uint8)
+    target[10:20, 10:20] = 1
+    objs = [_obj(0, 0, 4, 4, 0.2), _obj(2, 2, 4, 4, 0.9), _obj(12, 12, 3, 3),
+            ObjectMask(np.zeros((0, 0), bool), (0, 0), 0.9, Window(0, 0, 20, 20))]
+    plan = plan_commit(target, objs, next_id=5)
+    assert plan.ids == [5, 6, 0, 0]
+    assert [k for k, _ in plan.skipped] == [2, 3]
+    out = target.copy()
+    out[plan.rows, plan.cols] = plan.values
+    assert out[3, 3] == 6  # the higher score wins the overlap
+    assert (out == 5).sum() == 16 - 4
+    assert len(plan.rows) == len(set(zip(plan.rows.tolist(), plan.cols.tolist())))  # no pixel twice
+
+
+def test_commit_refuses_ids_the_dtype_cannot_hold():
+    target = np.full((4, 4), 0, np.uint8)
+    target[0, 0] = 255
+    with pytest.raises(ValueError, match="uint8"):
+        plan_commit(target, [_obj(1, 1, 2, 2)])
+    with pytest.raises(TypeError):
+        plan_commit(target.astype(float), [_obj(1, 1, 2, 2)])
+
+
+def test_core_module_imports_no_gui():
+    code = ("import sys, napari_cellseg.core.interactive as m; "
+            "bad = [k for k in ('qtpy', 'PyQt5', 'napari', 'magicgui') if k in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
