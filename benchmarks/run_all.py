@@ -1,0 +1,76 @@
+"""Run every benchmark and write docs/benchmarks.md (one command for the whole report).
+
+Usage (from the repository root, with ../shared/data present)::
+
+    python benchmarks/run_all.py            # full settings, about an hour on a 2-core CPU
+    python benchmarks/run_all.py --quick    # smaller samples, about 20 minutes
+
+Each benchmark prints a markdown section with its machine, command and date; this script runs them one after the
+other (never in parallel: timings on a shared machine are noisy enough) and collects their output. Speed figures
+are reported as ratios to the stock segment-anything path measured in the same process wherever a stock path exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+FULL = [
+    ("Embedding time per model", ["bench_embedding.py"]),
+    ("Automatic modes: speed, slider updates, zero-shot AP", ["bench_automatic.py", "--no-doc"]),
+    ("Interactive annotation: latency and box-prompt IoU", ["bench_annotation.py"]),
+    ("Fine-tuning on one image: time and AP on held-out images", ["bench_finetune.py"]),
+]
+QUICK = [
+    ("Embedding time per model", ["bench_embedding.py", "--archs", "litemedsam", "vit_b", "--repeat", "2"]),
+    ("Automatic modes: speed, slider updates, zero-shot AP",
+     ["bench_automatic.py", "--no-doc", "--ap-images", "3"]),
+    ("Interactive annotation: latency and box-prompt IoU",
+     ["bench_annotation.py", "--cells-per-image", "4", "--latency-prompts", "30", "--images", "5", "--skip-vit-b"]),
+    ("Fine-tuning on one image: time and AP on held-out images",
+     ["bench_finetune.py", "--minutes", "3", "--val-sets", "36,40,44"]),
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller samples and shorter training")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--only", nargs="+", default=None, help="run only the benchmarks whose script names contain these")
+    args = parser.parse_args()
+    plan = QUICK if args.quick else FULL
+    if args.only:
+        plan = [p for p in plan if any(o in p[1][0] for o in args.only)]
+    cmd_line = "python benchmarks/run_all.py" + (" --quick" if args.quick else "")
+    parts = [
+        "# Benchmarks\n",
+        f"Produced by `{cmd_line}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. "
+        "Each section names its machine and the exact command; see docs/automatic.md, docs/annotation.md and "
+        "docs/finetuning.md for what the figures mean.\n",
+    ]
+    failures = 0
+    for title, cmd in plan:
+        t0 = time.perf_counter()
+        print(f"running {' '.join(cmd)} …", flush=True)
+        proc = subprocess.run([sys.executable, *cmd], cwd=HERE, capture_output=True, text=True)
+        minutes = (time.perf_counter() - t0) / 60
+        parts.append(f"\n## {title}\n\n`cd benchmarks && python {' '.join(cmd)}` ({minutes:.1f} min)\n")
+        if proc.returncode != 0:
+            failures += 1
+            parts.append(f"\n**Failed** (exit {proc.returncode}):\n\n```\n{proc.stderr[-3000:]}\n```\n")
+        else:
+            parts.append("\n" + proc.stdout.strip() + "\n")
+        args.out.write_text("\n".join(parts))  # keep what is done if a later part is interrupted
+    print(f"wrote {args.out} ({failures} failed)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

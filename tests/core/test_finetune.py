@@ -1,0 +1,686 @@
+"""Fine-tuning core: data checks, prompts, LoRA placement, training, adapters (tiny random models)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_cellseg.core import finetune as ft
+from napari_cellseg.core import models
+from napari_cellseg.core.progress import run_to_completion
+
+
+@pytest.fixture(autouse=True)
+def _setup(tmp_path, monkeypatch):
+    # an isolated model folder, and one torch thread: the test machine's cores are shared
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    models.clear_model_cache()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    models.clear_model_cache()
+
+
+def _cells(shape=(96, 96), n=8, seed=0):
+    from conftest import make_cells
+
+    return make_cells(shape=shape, n=n, radius=(6, 11), seed=seed)
+
+
+def _checkpoint(tmp_path, arch: str, seed: int = 0):
+    """A tiny random model saved as a checkpoint file, so adapters of it can be reloaded by path."""
+    path = tmp_path / f"{arch}-{seed}.pth"
+    torch.save(models.random_model(arch, seed=seed).sam.state_dict(), path)
+    return str(path)
+
+
+def _state(sam) -> dict:
+    return {k: v.detach().clone() for k, v in sam.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_config_round_trips_and_resolves():
+    cfg = ft.FinetuneConfig(recipe="distance", minutes=3, prompt_types=("box",), crop_scale=(0.9, 1.1))
+    assert ft.FinetuneConfig.from_json(cfg.to_json()) == cfg
+    assert json.loads(cfg.to_json())["prompt_types"] == ["box"]
+    prompt = ft.FinetuneConfig().resolved(256)
+    assert (prompt.decoder, prompt.lr, prompt.warmup, prompt.schedule) == ("lora", 3e-3, 0.3, "onecycle")
+    dist = ft.FinetuneConfig(recipe="distance").resolved(256)
+    assert (dist.decoder, dist.lr, dist.weight_decay, dist.crop_size, dist.clahe, dist.invert) == (
+        "full", 4e-4, 0.1, 256, True, True)
+    assert dist.thresholds == {"peak": 0.47, "fill": 0.09}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"recipe": "unet"}, "unknown recipe"),
+    ({"minutes": None, "epochs": None}, "time budget"),
+    ({"prompt_types": ("scribble",)}, "prompt_types"),
+    ({"minutes": -1}, "positive"),
+    ({"decoder": "half"}, "decoder"),
+])
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ft.FinetuneConfig(**kwargs)
+
+
+def test_config_from_dict_names_unknown_keys():
+    with pytest.raises(ValueError, match="unknown fine-tuning settings.*learning_rate"):
+        ft.FinetuneConfig.from_dict({"learning_rate": 1})
+
+
+def test_lr_schedules():
+    # one-cycle: 1/25 of the peak at the start, the peak at the end of warm-up, ~0 at the end
+    assert ft.lr_factor(0.0, "onecycle", 0.3) == pytest.approx(0.04)
+    assert ft.lr_factor(0.3, "onecycle", 0.3) == pytest.approx(1.0)
+    assert ft.lr_factor(1.0, "onecycle", 0.3) < 1e-5
+    assert ft.lr_factor(0.05, "warmup_linear", 0.1) == pytest.approx(0.5)
+    assert ft.lr_factor(1.0, "warmup_linear", 0.1) == 0.0
+
+
+# --------------------------------------------------------------------------- training data
+
+
+def test_training_data_summary_and_region():
+    image, labels = _cells()
+    data = ft.make_training_data(image, labels, roi="extent")
+    pair = data.pairs[0]
+    assert data.n_cells == len(np.unique(labels)) - 1
+    rows, cols = np.nonzero(labels)
+    assert pair.known[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    assert pair.known.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    rect = ft.make_training_data(image, labels, roi=(0, 0, 40, 50)).pairs[0]
+    assert rect.known[:40, :50].all()
+    # labelled pixels outside the rectangle stay known (they are annotated)
+    assert (rect.known[labels > 0]).all()
+    assert not rect.known[(labels == 0) & (np.arange(96)[:, None] >= 40)].any()
+
+
+def test_training_data_stack_skips_unlabelled_planes():
+    image, labels = _cells()
+    stack = np.stack([image, image, image])
+    lab = np.stack([labels, np.zeros_like(labels), labels])
+    data = ft.make_training_data(stack, lab)
+    assert len(data) == 2 and data.summary["skipped_empty_planes"] == 1
+
+
+def test_training_data_excluded_region_is_left_out():
+    image, labels = _cells()
+    held = np.zeros_like(labels)
+    held[:48] = labels[:48]
+    data = ft.make_training_data(image, labels, exclude=held)
+    pair = data.pairs[0]
+    rows, cols = np.nonzero(held)
+    box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    assert not pair.known[box].any() and not pair.labels[box].any()
+    assert pair.known.sum() == held.size - held[box].size
+
+
+def test_huge_planes_are_tiled(monkeypatch):
+    monkeypatch.setattr(ft, "MAX_PLANE_PIXELS", 64 * 64)
+    monkeypatch.setattr(ft, "HUGE_TILE", 64)
+    monkeypatch.setattr(ft, "HUGE_OVERLAP", 16)
+    image, labels = _cells((128, 128), n=12)
+    data = ft.make_training_data(image, labels)
+    assert data.summary["tiled_planes"] == 1
+    assert len(data) > 1 and all(p.shape[0] <= 64 and p.shape[1] <= 64 for p in data.pairs)
+
+
+@pytest.mark.parametrize("labels, error, match", [
+    (np.zeros((32, 32), np.uint16), ValueError, "no cells"),
+    ("single", ValueError, "only 1 cell.*at least 2"),
+    ("float", TypeError, "float labels"),
+    ("bool", TypeError, "boolean mask"),
+    ("negative", ValueError, "negative"),
+])
+def test_bad_labels_give_clear_messages(labels, error, match):
+    image = np.random.default_rng(0).random((32, 32))
+    if isinstance(labels, str):
+        lab = np.zeros((32, 32), np.int32)
+        lab[5:12, 5:12] = 1
+        if labels == "float":
+            lab = lab * 0.5
+        elif labels == "bool":
+            lab = lab > 0
+        elif labels == "negative":
+            lab[20:25, 20:25] = -3
+        labels = lab
+    with pytest.raises(error, match=match):
+        ft.make_training_data(image, labels)
+
+
+def test_size_mismatch_and_pair_counts():
+    image, labels = _cells()
+    with pytest.raises(ValueError, match="differ in size"):
+        ft.make_training_data(image[:90], labels)
+    with pytest.raises(ValueError, match="2 images but 1 label"):
+        ft.make_training_data([image, image], [labels])
+    with pytest.raises(ValueError, match="stack"):
+        ft.make_training_data(np.stack([image] * 2), np.stack([labels] * 3))
+
+
+def test_whole_number_float_labels_are_accepted():
+    image, labels = _cells()
+    data = ft.make_training_data(image, labels.astype(np.float32))
+    assert data.pairs[0].labels.dtype == np.int32
+
+
+# --------------------------------------------------------------------------- targets and prompts
+
+
+def test_distance_target_is_each_cells_distance_over_its_max():
+    from scipy import ndimage as ndi
+
+    _, labels = _cells()
+    target = ft.normalized_distance_map(labels)
+    for idx in range(1, labels.max() + 1):
+        cell = labels == idx
+        assert target[cell].max() == pytest.approx(1.0)
+        dist = ndi.distance_transform_edt(np.pad(cell, 1))[1:-1, 1:-1]
+        inner = np.unravel_index(np.argmax(dist), dist.shape)
+        assert target[inner] == pytest.approx(1.0)
+    assert (target[labels == 0] == 0).all()
+
+
+def test_points_come_from_the_top_20_percent_of_the_distance_transform():
+    from scipy import ndimage as ndi
+    from skimage.draw import ellipse
+
+    mask = np.zeros((60, 80), bool)
+    mask[ellipse(30, 40, 20, 32)] = True
+    pts = ft.top_fraction_points(mask, 0.2)
+    dist = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    cut = np.quantile(dist[mask], 0.8)
+    assert (dist[pts[:, 0], pts[:, 1]] >= cut).all()
+    assert 0.15 <= len(pts) / mask.sum() <= 0.3
+    # every candidate of a view lies in the top 20 % of its own cell, and negatives in the background's
+    _, labels = _cells()
+    known = np.ones_like(labels, bool)
+    known[:, :20] = False
+    cand = ft._prompt_candidates(labels, known, 0.2)
+    for idx, cell_pts, box in cand["cells"]:
+        cell = labels == idx
+        d = ndi.distance_transform_edt(np.pad(cell, 1))[1:-1, 1:-1]
+        assert (d[cell_pts[:, 0], cell_pts[:, 1]] >= np.quantile(d[cell], 0.8)).all()
+        rows, cols = np.nonzero(cell)
+        assert box == (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1)
+    bg = cand["background"]
+    assert len(bg) and (labels[bg[:, 0], bg[:, 1]] == 0).all() and known[bg[:, 0], bg[:, 1]].all()
+    bgd = ndi.distance_transform_edt((labels == 0) & known)
+    assert (bgd[bg[:, 0], bg[:, 1]] >= np.quantile(bgd[(labels == 0) & known], 0.8)).all()
+
+
+def test_step_samples_at_most_30_cells_and_15_negatives():
+    image, labels = _cells((96, 96), n=40, seed=3)
+    lab = np.zeros((200, 200), np.int32)
+    k = 0
+    for r in range(0, 200, 12):  # a crowded view: 256 small squares, far more than 30 cells
+        for c in range(0, 200, 12):
+            k += 1
+            lab[r + 2:r + 9, c + 2:c + 9] = k
+    known = np.ones_like(lab, bool)
+    known[:, 150:] = True
+    entry = ft._prompt_candidates(lab, known, 0.2, min_area=4)
+    trainer = ft.Finetuner(models.random_model("vit_test"), ft.make_training_data(image, labels),
+                           ft.FinetuneConfig(epochs=1, minutes=None, max_cells=30, max_negatives=15))
+    trainer._setup()
+    seen = []
+    trainer._prompt_chunk_loss = lambda feats, kind, coords, ids, lt, kt: seen.append((kind, ids)) or \
+        torch.zeros((), requires_grad=True)
+    entry.update(labels=lab, known=known, features=np.zeros((32, 4, 4), np.float16))
+    trainer._prompt_loss(entry, np.random.default_rng(0))
+    ids = np.concatenate([i for _, i in seen])
+    assert (ids > 0).sum() == 30 and (ids == 0).sum() == 15
+    assert len(set(ids[ids > 0])) == 30
+
+
+# --------------------------------------------------------------------------- LoRA placement
+
+
+def _expected_lora_counts(sam, rank: int) -> tuple[int, int]:
+    from segment_anything.modeling.image_encoder import Attention
+
+    from napari_cellseg.core.tinyvit import WindowAttention
+
+    enc = 0
+    for m in sam.image_encoder.modules():
+        if isinstance(m, (Attention, WindowAttention)):
+            dim = m.qkv.in_features
+            enc += 2 * (rank * dim + (m.qkv.out_features // 3) * rank)  # q and v: A (r, dim), B (dim, r)
+    dec = 0
+    for name, m in sam.mask_decoder.named_modules():
+        if name.endswith(("q_proj", "v_proj")):
+            dec += rank * (m.in_features + m.out_features)
+    return enc, dec
+
+
+@pytest.mark.parametrize("arch", ["vit_test", "tinyvit_test"])
+def test_lora_counts_and_touches_only_q_and_v(arch, tmp_path):
+    base = models.load_model(_checkpoint(tmp_path, arch), device="cpu")
+    before = _state(base.sam)
+    image, labels = _cells()
+    data = ft.make_training_data(image, labels)
+    cfg = ft.FinetuneConfig(epochs=2, minutes=None, views=2, encoder_lora=True, train_point_embeddings=False,
+                            lr=3e-2, encoder_tail="none", multimask="off")
+    trainer = ft.Finetuner(base, data, cfg)
+    result = run_to_completion(trainer.run())
+    enc, dec = _expected_lora_counts(base.sam, 4)
+    assert trainer.n_trainable() == enc + dec
+    assert result.meta["metrics"]["trainable_parameters"] == enc + dec
+    after = result.model.sam.state_dict()
+    qkv = ft.fused_qkv_layers(base.sam)
+    assert qkv
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    for path, (_, q_rows, v_rows) in qkv.items():
+        w0, w1 = before[f"{path}.weight"], after[f"{path}.weight"]
+        k_rows = np.setdiff1d(np.arange(w0.shape[0]), np.concatenate([q_rows, v_rows]))
+        assert len(k_rows) == len(q_rows) == len(v_rows)
+        assert torch.equal(w0[k_rows], w1[k_rows]), f"k rows of {path} changed"
+        assert not torch.equal(w0[q_rows], w1[q_rows]) and not torch.equal(w0[v_rows], w1[v_rows])
+        assert torch.equal(before[f"{path}.bias"], after[f"{path}.bias"])
+    allowed = {f"{p}.weight" for p in qkv} | {f"{p}.weight" for p in ft.decoder_lora_targets(base.sam)}
+    assert changed <= allowed
+    assert any(k.startswith("mask_decoder.") for k in changed)
+    assert not any(k.endswith(("k_proj.weight", "out_proj.weight")) for k in changed)
+
+
+def test_point_embeddings_are_counted_when_trained():
+    image, labels = _cells()
+    base = models.random_model("vit_test")
+    t = ft.Finetuner(base, ft.make_training_data(image, labels), ft.FinetuneConfig(epochs=1, minutes=None))
+    t._setup()
+    _, dec = _expected_lora_counts(base.sam, 4)
+    dim = base.sam.prompt_encoder.embed_dim
+    neck = sum(p.numel() for p in base.sam.image_encoder.neck.parameters())
+    assert t.n_trainable() == dec + 5 * dim + neck  # 4 point/corner embeddings + "not a point", the neck
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _probe_loss(trainer, entry, recipe):
+    trainer.optimizer.zero_grad(set_to_none=True)
+    if recipe == "distance":
+        loss = trainer._distance_loss([entry])
+    else:
+        loss = trainer._prompt_loss(entry, np.random.default_rng(123))
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+@pytest.mark.parametrize("recipe, arch, lr", [("prompt", "vit_test", 3e-2), ("distance", "tinyvit_test", 2e-3)])
+def test_tiny_model_trains_with_falling_loss(recipe, arch, lr):
+    image, labels = _cells()
+    base = models.random_model(arch)
+    before = _state(base.sam)
+    data = ft.make_training_data(image, labels)
+    cfg = ft.FinetuneConfig(recipe=recipe, epochs=40, minutes=None, views=1, augment=False, lr=lr, amp=False,
+                            max_negatives=4)
+    trainer = ft.Finetuner(base, data, cfg)
+    records = []
+    result = run_to_completion(trainer.run(), records.append)
+    losses = [r.data["loss"] for r in records if r.data and r.data.get("loss") is not None]
+    assert len(losses) == 40
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), (losses[:5], losses[-5:])
+    # the same prompts before and after: the trained weights lower the loss
+    entry = trainer._view_entry(data, ft.ViewSpec(0, (48.0, 48.0), 64.0), trainer.distances, True)
+    untrained, trained = probe_with(trainer, entry, recipe, base)
+    assert trained < 0.9 * untrained, (untrained, trained)
+    # the base model is never modified
+    assert all(torch.equal(v, base.sam.state_dict()[k]) for k, v in before.items())
+    assert result.meta["output"] == ("distance" if recipe == "distance" else "mask")
+
+
+def probe_with(trainer, entry, recipe, base):
+    """Loss of the same prompts with the untrained and the trained weights (same trainer graph)."""
+    trained = _probe_loss(trainer, entry, recipe)
+    params = dict(trainer._sam.named_parameters())
+    saved = {n: p.detach().clone() for n, p in params.items() if p.requires_grad}
+    with torch.no_grad():
+        for n, p in params.items():
+            if not p.requires_grad:
+                continue
+            if ".lora_B." in n or n.endswith(("q_B", "v_B")):
+                p.zero_()
+            elif ".lora_A." in n or n.endswith(("q_A", "v_A")):
+                continue
+            else:
+                p.copy_(base.sam.state_dict()[ft._clean_name(n)])
+    untrained = _probe_loss(trainer, entry, recipe)
+    with torch.no_grad():
+        for n, v in saved.items():
+            params[n].copy_(v)
+    return untrained, trained
+
+
+def test_time_budget_stops_training():
+    image, labels = _cells()
+    cfg = ft.FinetuneConfig(recipe="distance", minutes=0.05, views=2)
+    result = run_to_completion(ft.finetune(models.random_model("vit_test"), ft.make_training_data(image, labels), cfg))
+    assert result.stopped == "finished"
+    assert result.meta["metrics"]["steps"] > 0
+    assert result.meta["metrics"]["seconds"] < 30
+
+
+def test_validation_ap_early_stopping_and_best_model():
+    image, labels = _cells()
+    vimage, vlabels = _cells(seed=5)
+    cfg = ft.FinetuneConfig(recipe="distance", epochs=50, minutes=None, views=2, batch_size=2, eval_every=1,
+                            patience=2, min_delta=0.5)
+    trainer = ft.Finetuner(models.random_model("vit_test"), ft.make_training_data(image, labels), cfg,
+                           ft.make_training_data(vimage, vlabels))
+    seen = []
+    result = run_to_completion(trainer.run(), seen.append)
+    assert any(r.data and "val_ap" in r.data for r in seen)
+    assert all("val_ap" in h and 0.0 <= h["val_ap"] <= 1.0 for h in result.history)
+    # min_delta 0.5 means no evaluation counts as better: it stops after patience + 1 evaluations
+    assert result.stopped == "early stopping"
+    assert result.meta["metrics"]["steps"] == 3
+    assert "best_val_ap" in result.meta["metrics"]
+    # thresholds tuned on the held-out planes travel with the model
+    assert result.meta["metrics"]["thresholds_tuned_on"] == "validation"
+    th = result.meta["thresholds"]
+    assert 0 < th["fill"] < th["peak"] < 1 and result.model.meta["thresholds"] == th
+
+
+def test_saturated_default_prompt_is_rescaled_so_distance_training_starts(tmp_path):
+    from napari_cellseg.core.predictor import default_prompt_logits
+
+    sam = models.random_model("vit_test").sam
+    layer = sam.mask_decoder.output_hypernetworks_mlps[0].layers[2]
+    with torch.no_grad():
+        layer.weight.mul_(500.0)
+        layer.bias.mul_(500.0)
+        logits = default_prompt_logits(sam, sam.image_encoder(torch.rand(1, 3, 64, 64)))
+    assert float(logits.abs().mean()) > 20  # a flat sigmoid almost everywhere: MSE has no gradient
+    path = tmp_path / "saturated.pth"
+    torch.save(sam.state_dict(), path)
+    base = models.load_model(str(path), device="cpu")
+    image, labels = _cells()
+    cfg = ft.FinetuneConfig(recipe="distance", epochs=30, minutes=None, views=1, augment=False, decoder="lora",
+                            lr=1e-2, amp=False)
+    trainer = ft.Finetuner(base, ft.make_training_data(image, labels), cfg)
+    records = []
+    result = run_to_completion(trainer.run(), records.append)
+    assert trainer.output_scale is not None and trainer.output_scale < 0.5
+    losses = [r.data["loss"] for r in records if r.data and r.data.get("loss") is not None]
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
+    # the rescaled layer is part of the adapter even though the rest of the decoder is LoRA
+    assert "s0.full.mask_decoder.output_hypernetworks_mlps.0.layers.2.weight" in result.tensors
+    assert any(".lora." in k for k in result.tensors)
+
+
+def test_prompt_validation_runs_clicks():
+    image, labels = _cells()
+    cfg = ft.FinetuneConfig(epochs=1, minutes=None, views=2, eval_every=2)
+    data = ft.make_training_data(image, labels)
+    result = run_to_completion(ft.finetune(models.random_model("vit_test"), data, cfg, validation=data))
+    assert "val_ap" in result.history[-1] and "val_ap75" in result.history[-1]
+
+
+def test_out_of_memory_gives_a_message(monkeypatch):
+    image, labels = _cells()
+
+    def boom(self, *a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(ft.Finetuner, "_prompt_loss", boom)
+    gen = ft.finetune(models.random_model("vit_test"), ft.make_training_data(image, labels),
+                      ft.FinetuneConfig(epochs=1, minutes=None, views=1))
+    with pytest.raises(ft.FinetuneMemoryError, match="ran out of memory.*fewer cached views"):
+        run_to_completion(gen)
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def _decode_outputs(model):
+    from napari_cellseg.core.predictor import Predictor, default_prompt_logits
+
+    rng = np.random.default_rng(1)
+    image = rng.random((70, 60))
+    p = Predictor(model)
+    p.set_image(image)
+    _, scores, low = p.decode(points_rc=np.array([[[20, 30]], [[40, 10]]], float), multimask=True)
+    _, bscores, blow = p.decode(boxes_rc=np.array([[5, 5, 30, 40]], float))
+    with torch.no_grad():
+        dist = default_prompt_logits(model.sam, p.embedding.features).numpy()
+    return scores, low, bscores, blow, dist
+
+
+@pytest.mark.parametrize("recipe, arch, encoder", [("prompt", "tinyvit_test", True), ("distance", "vit_test", False)])
+def test_adapter_round_trip(recipe, arch, encoder, tmp_path):
+    base = models.load_model(_checkpoint(tmp_path, arch), device="cpu")
+    image, labels = _cells()
+    cfg = ft.FinetuneConfig(recipe=recipe, epochs=2, minutes=None, views=2, encoder_lora=encoder, lr=1e-2)
+    result = run_to_completion(ft.finetune(base, ft.make_training_data(image, labels), cfg))
+    path = ft.save_adapter(result, "my-cells")
+    assert path == models.cache_dir() / "adapters" / "my-cells.safetensors"
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["base"] == base.name and meta["recipe"] == recipe
+    assert meta["output"] == ("distance" if recipe == "distance" else "mask")
+    assert meta["data"]["cells"] == len(np.unique(labels)) - 1 and meta["config"]["recipe"] == recipe
+    assert meta["sha256"] == models.file_hash(path) and meta["created"]
+    # only what training changed is stored
+    from safetensors.torch import load_file
+
+    stored = load_file(str(path))
+    n_stored = sum(v.numel() for v in stored.values())
+    changed_at_most = sum(p.numel() for p in base.sam.mask_decoder.parameters()) + sum(
+        p.numel() for p in base.sam.image_encoder.neck.parameters()) + 10 * 32 * 32 * 8
+    assert n_stored <= changed_at_most
+    entry = models.catalogue()["my-cells"]
+    assert entry.source == "adapter" and entry.base == base.name
+    assert entry.capabilities == (("distance",) if recipe == "distance" else ("prompt", "grid"))
+    loaded = models.load_model("my-cells", device="cpu")
+    assert loaded.meta["output"] == meta["output"]
+    if recipe == "distance":
+        assert loaded.meta["thresholds"] == {"peak": 0.47, "fill": 0.09}
+    for a, b in zip(_decode_outputs(result.model), _decode_outputs(loaded)):
+        np.testing.assert_array_equal(a, b)
+    # the base is not the adapter
+    assert not np.array_equal(_decode_outputs(base)[1 if recipe == "prompt" else 4],
+                              _decode_outputs(loaded)[1 if recipe == "prompt" else 4])
+
+
+def test_continue_training_from_an_adapter(tmp_path):
+    base = models.load_model(_checkpoint(tmp_path, "vit_test"), device="cpu")
+    image, labels = _cells()
+    data = ft.make_training_data(image, labels)
+    cfg = ft.FinetuneConfig(epochs=1, minutes=None, views=2, lr=1e-2)
+    ft.save_adapter(run_to_completion(ft.finetune(base, data, cfg)), "stage1")
+    first = models.load_model("stage1", device="cpu")
+    before = _state(first.sam)
+    second = run_to_completion(ft.finetune(first, data, replace_cfg(cfg, recipe="distance")))
+    assert all(torch.equal(v, first.sam.state_dict()[k]) for k, v in before.items())
+    assert {k.split(".")[0] for k in second.tensors} == {"s0", "s1"}
+    assert second.meta["base"] == base.name and len(second.meta["stages"]) == 2
+    ft.save_adapter(second, "stage2")
+    loaded = models.load_model("stage2", device="cpu")
+    for a, b in zip(_decode_outputs(second.model), _decode_outputs(loaded)):
+        np.testing.assert_array_equal(a, b)
+
+
+def replace_cfg(cfg, **kw):
+    from dataclasses import replace
+
+    return replace(cfg, **kw)
+
+
+def test_cancelled_run_writes_no_adapter_and_stop_keeps_the_best():
+    image, labels = _cells()
+    data = ft.make_training_data(image, labels)
+    cfg = ft.FinetuneConfig(epochs=1000, minutes=None, views=2)
+    trainer = ft.Finetuner(models.random_model("vit_test"), data, cfg)
+    gen = trainer.run()
+    steps = 0
+    for record in gen:
+        if record.data and "loss" in record.data:
+            steps += 1
+            if steps == 3:
+                break
+    gen.close()  # what a napari worker's quit() amounts to
+    assert not (models.cache_dir() / "adapters").exists()
+    best = trainer.best_result()
+    assert best is not None and best.stopped == "cancelled" and best.meta["metrics"]["steps"] == 3
+    # stop(): the generator itself returns the best model so far
+    trainer2 = ft.Finetuner(models.random_model("vit_test"), data, cfg)
+    gen2 = trainer2.run()
+    for record in gen2:
+        if record.data and record.data.get("loss") is not None:
+            trainer2.stop()
+    assert trainer2.best_result().stopped == "cancelled"
+    assert not (models.cache_dir() / "adapters").exists()
+
+
+def test_interrupted_save_leaves_nothing(monkeypatch, tmp_path):
+    image, labels = _cells()
+    result = run_to_completion(ft.finetune(models.random_model("vit_test"), ft.make_training_data(image, labels),
+                                           ft.FinetuneConfig(epochs=1, minutes=None, views=1)))
+    real_replace = ft.os.replace
+    calls = []
+
+    def crash(src, dst):
+        calls.append(dst)
+        if str(dst).endswith(".json"):
+            raise KeyboardInterrupt  # the user quits napari in the middle of the save
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ft.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ft.save_adapter(result, "half")
+    folder = models.cache_dir() / "adapters"
+    # the safetensors may have landed, but no JSON: the adapter is not listed and no temp file is left
+    assert not (folder / "half.json").exists()
+    assert not [p for p in folder.iterdir() if ".tmp" in p.name]
+    assert "half" not in models.catalogue()
+
+
+def test_adapter_names_and_overwrite():
+    image, labels = _cells()
+    result = run_to_completion(ft.finetune(models.random_model("vit_test"), ft.make_training_data(image, labels),
+                                           ft.FinetuneConfig(epochs=1, minutes=None, views=1)))
+    for bad in ("", "../evil", "a b", "litemedsam"):
+        with pytest.raises(ValueError):
+            ft.save_adapter(result, bad)
+    ft.save_adapter(result, "twice")
+    with pytest.raises(FileExistsError, match="exists"):
+        ft.save_adapter(result, "twice")
+    ft.save_adapter(result, "twice", overwrite=True)
+
+
+def test_corrupt_adapter_is_refused(tmp_path):
+    base = models.load_model(_checkpoint(tmp_path, "vit_test"), device="cpu")
+    image, labels = _cells()
+    result = run_to_completion(ft.finetune(base, ft.make_training_data(image, labels),
+                                           ft.FinetuneConfig(epochs=1, minutes=None, views=1)))
+    path = ft.save_adapter(result, "broken")
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    models.clear_model_cache()
+    with pytest.raises(ValueError, match="checksum"):
+        models.load_model("broken", device="cpu")
+
+
+# --------------------------------------------------------------------------- caches and resuming
+
+
+def test_feature_cache_on_disk_is_reused(tmp_path, monkeypatch):
+    image, labels = _cells()
+    data = ft.make_training_data(image, labels)
+    cfg = ft.FinetuneConfig(recipe="distance", epochs=1, minutes=None, views=3, feature_cache=str(tmp_path / "f"))
+    calls = []
+    real = ft.Finetuner._encode
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(ft.Finetuner, "_encode", counting)
+    run_to_completion(ft.finetune(models.random_model("vit_test"), data, cfg))
+    assert len(calls) == 3 and len(list((tmp_path / "f").glob("*.npy"))) == 3
+    run_to_completion(ft.finetune(models.random_model("vit_test"), data, cfg))
+    assert len(calls) == 3
+
+
+def test_resume_from_checkpoint(tmp_path):
+    image, labels = _cells()
+    data = ft.make_training_data(image, labels)
+    cfg = ft.FinetuneConfig(recipe="distance", epochs=6, minutes=None, views=2, batch_size=1,
+                            checkpoint=str(tmp_path / "run.ckpt"), checkpoint_minutes=0.0)
+    gen = ft.finetune(models.random_model("vit_test"), data, cfg)
+    for record in gen:
+        if record.step == 4 and record.data:
+            break
+    gen.close()
+    assert (tmp_path / "run.ckpt").is_file()
+    seen = []
+    result = run_to_completion(ft.finetune(models.random_model("vit_test"), data, cfg), seen.append)
+    assert any("resumed" in r.message for r in seen)
+    assert result.meta["metrics"]["steps"] == 12
+    assert sum(1 for r in seen if r.data and "loss" in r.data) == 12 - 4
+    with pytest.raises(ValueError, match="other settings"):
+        run_to_completion(ft.finetune(models.random_model("vit_test"), data, replace_cfg(cfg, lr=0.5)))
+
+
+def test_core_import_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, napari_cellseg.core.finetune, napari_cellseg.core.adapters; "
+            "print(any(m in sys.modules for m in ('torch', 'peft', 'qtpy', 'napari')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("arch", ["vit_test", "tinyvit_test"])
+def test_features_before_the_neck_plus_the_neck_equal_the_encoder(arch):
+    sam = models.random_model(arch).sam
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        np.testing.assert_allclose(sam.image_encoder.neck(ft.encoder_before_neck(sam.image_encoder, x)).numpy(),
+                                   sam.image_encoder(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_distance_recipe_trains_the_neck_from_cached_neck_inputs(tmp_path):
+    base = models.load_model(_checkpoint(tmp_path, "tinyvit_test"), device="cpu")
+    before = _state(base.sam)
+    image, labels = _cells()
+    cfg = ft.FinetuneConfig(recipe="distance", epochs=2, minutes=None, views=2, lr=1e-2)
+    trainer = ft.Finetuner(base, ft.make_training_data(image, labels), cfg)
+    result = run_to_completion(trainer.run())
+    neck = sum(p.numel() for p in base.sam.image_encoder.neck.parameters())
+    decoder = sum(p.numel() for p in base.sam.mask_decoder.parameters())
+    assert trainer.n_trainable() == neck + decoder
+    after = result.model.sam.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("image_encoder.neck.") for k in changed)
+    assert all(k.startswith(("image_encoder.neck.", "mask_decoder.")) for k in changed)
+    # the cache holds the neck's input, and the loaded adapter reproduces the trained model
+    assert trainer._cache_neck_input
+    ft.save_adapter(result, "neck")
+    for a, b in zip(_decode_outputs(result.model), _decode_outputs(models.load_model("neck", device="cpu"))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tied_multimask_outputs_answer_like_the_single_output():
+    from napari_cellseg.core.predictor import Predictor
+
+    image, labels = _cells()
+    result = run_to_completion(ft.finetune(models.random_model("vit_test"), ft.make_training_data(image, labels),
+                                           ft.FinetuneConfig(epochs=1, minutes=None, views=1)))
+    p = Predictor(result.model)
+    p.set_image(image)
+    pts = np.array([[[30, 30]], [[60, 20]]], float)
+    _, s1, low1 = p.decode(points_rc=pts, multimask=False)
+    _, s3, low3 = p.decode(points_rc=pts, multimask=True)
+    for k in range(3):
+        np.testing.assert_allclose(low3[:, k], low1[:, 0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(s3[:, k], s1[:, 0], rtol=1e-5, atol=1e-6)
+    assert "s0.full.mask_decoder.output_hypernetworks_mlps.3.layers.0.weight" in result.tensors
