@@ -61,3 +61,19 @@ def make_cells(shape=(128, 128), n=12, radius=(6, 12), seed=0):
 def synthetic_cells():
     """(image, labels): 12 non-touching bright disks on a noisy background, 128 x 128."""
     return make_cells()
+
+
+@pytest.fixture
+def isolated_models(tmp_path, monkeypatch):
+    """An empty model/cache folder, no loaded models, and one torch thread (the test machine's cores are shared)."""
+    import torch
+
+    from napari_cellseg.core import models
+
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    models.clear_model_cache()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tmp_path / "cache"
+    torch.set_num_threads(threads)
+    models.clear_model_cache()

@@ -12,9 +12,8 @@ from napari_cellseg.core import models
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
-    models.clear_model_cache()
+def _isolated(isolated_models):
+    """Every test here gets an empty model folder (see conftest.isolated_models)."""
 
 
 @pytest.fixture

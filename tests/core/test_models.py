@@ -25,11 +25,8 @@ from napari_cellseg.core.models import (
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
-    models.clear_model_cache()
-    yield
-    models.clear_model_cache()
+def _isolated(isolated_models):
+    """Every test here gets an empty model folder (see conftest.isolated_models)."""
 
 
 def test_catalogue_lists_required_models_with_facts():

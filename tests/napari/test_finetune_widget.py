@@ -14,14 +14,8 @@ pytestmark = pytest.mark.gui
 
 
 @pytest.fixture(autouse=True)
-def _setup(tmp_path, monkeypatch):
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
-    models.clear_model_cache()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    models.clear_model_cache()
+def _isolated(isolated_models):
+    """Every test here gets an empty model folder (see conftest.isolated_models)."""
 
 
 @pytest.fixture

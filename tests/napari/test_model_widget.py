@@ -12,9 +12,8 @@ pytestmark = pytest.mark.gui
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
-    models.clear_model_cache()
+def _isolated(isolated_models):
+    """Every test here gets an empty model folder (see conftest.isolated_models)."""
 
 
 def test_widget_lists_catalogue_and_marks_downloads(make_napari_viewer):
