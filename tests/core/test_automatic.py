@@ -56,7 +56,8 @@ class OracleDecoder:
         self.crop_index = -1
         self.calls = 0
 
-    def __call__(self, model, features, transform, points_rc=None, boxes_rc=None, multimask=False, batch_size=16):
+    def __call__(self, model, features, transform, points_rc=None, boxes_rc=None, multimask=False, batch_size=16,
+                 min_score=None, exact=False, score_log=None):
         if features is not self.features:
             self.features = features
             self.crop_index += 1
@@ -88,7 +89,9 @@ class OracleDecoder:
 def _count_network_calls(model):
     calls = {"encoder": 0, "decoder": 0}
     model.sam.image_encoder.register_forward_hook(lambda *a: calls.__setitem__("encoder", calls["encoder"] + 1))
-    model.sam.mask_decoder.register_forward_hook(lambda *a: calls.__setitem__("decoder", calls["decoder"] + 1))
+    # the IoU head runs once per decoder call, in the stock decoder and in the batch decoder of grid mode
+    model.sam.mask_decoder.iou_prediction_head.register_forward_hook(
+        lambda *a: calls.__setitem__("decoder", calls["decoder"] + 1))
     return calls
 
 
@@ -216,7 +219,7 @@ def test_grid_pipeline_recovers_exact_cells_with_an_oracle_decoder(monkeypatch):
     oracle = OracleDecoder(labels, [(slice(0, 64), slice(0, 64))])
     monkeypatch.setattr(auto, "decode_prompts", oracle)
     result = auto.segment(image, model, mode="grid", config=auto.GridConfig(points_per_side=16))
-    assert oracle.calls == 16  # 256 prompts in batches of 16
+    assert oracle.calls == 64  # 256 prompts in batches of 4
     assert result.n_cells == 5
     assert _same_partition(result.labels, labels)
     # thresholds re-run only the filtering
@@ -229,7 +232,7 @@ def test_grid_pipeline_recovers_exact_cells_with_an_oracle_decoder(monkeypatch):
     small = (np.bincount(labels.ravel())[1:] <= 0.04 * 64 * 64).sum()
     assert 0 < small < 5
     assert result.relabel(min_area=20, max_area_fraction=0.04).max() == small  # drops the large cells
-    assert oracle.calls == 16
+    assert oracle.calls == 64
 
 
 def test_grid_mode_crops_large_images_and_merges_across_crops(monkeypatch):
@@ -267,6 +270,47 @@ def test_grid_mode_end_to_end_on_a_tiny_model_and_relabel_is_offline(tiny_vit):
         result.relabel(probability=p, stability=0.3, nms_iou=0.5)
     assert calls == before
     assert result.n_cells == 0 and "probability" in result.message
+
+
+def test_grid_mode_draws_masks_only_above_the_probability_floor(tiny_vit):
+    model = tiny_vit
+    model.sam.mask_decoder.iou_prediction_head.layers[-1].bias.data += 0.6
+    image, _ = _cells((96, 80), [(30, 30), (60, 50)], [12, 14])
+    base = dict(points_per_side=6, max_area_fraction=1.0, stability=0.0, nms_iou=0.5)
+    # everything drawn (floor 0) as the reference
+    full = auto.segment(image, model, mode="grid", config=auto.GridConfig(probability=0.0, **base))
+    assert len(full.candidates) == 36
+    scores = full.candidates.scores
+    floor = float(np.sort(scores)[17] + np.sort(scores)[18]) / 2  # halfway between two answers
+    cfg = auto.GridConfig(probability=0.9, probability_floor=floor, **base)
+    assert cfg.decode_floor == floor and auto.GridConfig(probability=0.3).decode_floor == 0.3
+    result = auto.segment(image, model, mode="grid", config=cfg)
+    assert result.probability_floor == floor
+    assert len(result.candidates) == int((scores > floor).sum()) == 18  # the others were never drawn
+    assert (result.candidates.scores > floor).all()
+    assert result.candidates.n_prompts == 36
+    assert result.candidates.best_score == pytest.approx(scores.max(), abs=1e-5)
+    # above the floor the cached candidates give what a full run gives, without the network
+    for p in (floor + 1e-3, 0.9):
+        assert np.array_equal(result.relabel(probability=p), full.relabel(probability=p))
+        assert result.note == ""
+    # below it, only the drawn candidates are there, and the result says so
+    below = result.relabel(probability=0.0)
+    assert np.array_equal(below, full.relabel(probability=floor + 1e-3))
+    assert "run again" in result.note
+    # the exact decoder gives the same candidates
+    exact = auto.segment(image, model, mode="grid", config=cfg.updated(exact_decoder=True))
+    assert np.array_equal(exact.candidates.ids, result.candidates.ids)
+    np.testing.assert_allclose(exact.candidates.scores, result.candidates.scores, atol=1e-5)
+    assert np.array_equal(exact.relabel(probability=0.9), result.relabel(probability=0.9))
+
+
+def test_grid_mode_says_when_no_answer_reaches_the_floor(tiny_vit):
+    tiny_vit.sam.mask_decoder.iou_prediction_head.layers[-1].bias.data -= 5.0
+    image, _ = _cells((64, 64), [(30, 30)], [12])
+    result = auto.segment(image, tiny_vit, mode="grid", config=auto.GridConfig(points_per_side=4))
+    assert len(result.candidates) == 0 and result.n_cells == 0
+    assert "run again" in result.message and "above 0.50" in result.message and "highest" in result.message
 
 
 def test_grid_multimask_keeps_three_candidates_per_point(tiny_vit):

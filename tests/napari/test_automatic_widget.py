@@ -36,7 +36,8 @@ def _confident_tiny_model():
 def _count_calls(model):
     calls = []
     model.sam.image_encoder.register_forward_hook(lambda *a: calls.append("encoder"))
-    model.sam.mask_decoder.register_forward_hook(lambda *a: calls.append("decoder"))
+    # the IoU head runs once per decoder call, in the stock decoder and in the batch decoder of grid mode
+    model.sam.mask_decoder.iou_prediction_head.register_forward_hook(lambda *a: calls.append("decoder"))
     return calls
 
 
@@ -73,7 +74,7 @@ def test_grid_run_creates_a_new_labels_layer_and_sliders_do_not_call_the_network
     assert widget.progress.value() == 1000
     assert "cells" in widget.status.text() or "lower" in widget.status.text()
     n_calls = len(calls)
-    assert n_calls == 2  # one encoder pass, one decoder batch of 16 prompts
+    assert n_calls == 5  # one encoder pass, 16 prompts in 4 decoder batches of 4
     # slider moves re-run only the post-processing and update the same layer
     before = out.data.copy()
     widget.sliders["probability"].setValue(1.0)
@@ -82,6 +83,13 @@ def test_grid_run_creates_a_new_labels_layer_and_sliders_do_not_call_the_network
     widget.sliders["probability"].setValue(0.5)
     widget.apply_thresholds()
     assert np.array_equal(out.data, before)
+    # the run drew masks only above its floor (0.5 here): lower values say that a new run is needed
+    widget.sliders["probability"].setValue(0.3)
+    widget.apply_thresholds()
+    assert "run again" in widget.status.text() and np.array_equal(out.data, before)
+    widget.sliders["probability"].setValue(0.5)
+    widget.apply_thresholds()
+    assert "run again" not in widget.status.text()
     assert len(calls) == n_calls
     assert widget.output_layer() is out and len(viewer.layers) == 3
     # a second run updates the same layer

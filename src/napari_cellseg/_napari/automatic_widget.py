@@ -512,6 +512,11 @@ class AutomaticWidget(QWidget):
         if mode == "guided" and any(abs(values[k] - self._results[0].thresholds.get(k, values[k])) > 1e-9
                                     for k in ("peak", "fill")):
             note = " (peak and fill change the prompts: press Run)"
+        elif mode == "grid":
+            # the run drew masks only above its probability floor: lower thresholds need a new run
+            floor_note = next((r.note for r in self._results if getattr(r, "note", "")), "")
+            if floor_note:
+                note = f" ({floor_note})"
         self.status.setText(f"{self._summary()} - updated in {self.last_relabel_ms:.0f} ms{note}")
         return self.last_relabel_ms
 

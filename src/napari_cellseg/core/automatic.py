@@ -47,8 +47,9 @@ Examples
 >>> import numpy as np
 >>> from napari_cellseg.core.models import random_model
 >>> image = np.random.default_rng(0).random((48, 40))
->>> result = segment(image, random_model("vit_test"), mode="grid",
-...                  config=GridConfig(points_per_side=4, max_area_fraction=1.0))
+>>> model = random_model("vit_test")
+>>> _ = model.sam.mask_decoder.iou_prediction_head.layers[-1].bias.data.add_(1.0)  # confident answers
+>>> result = segment(image, model, mode="grid", config=GridConfig(points_per_side=4, max_area_fraction=1.0))
 >>> result.labels.shape, len(result.candidates)
 ((48, 40), 16)
 >>> labels = result.relabel(probability=1.5)   # no network call
@@ -208,7 +209,18 @@ class GridConfig(_Config):
         Keep SAM's three answers per point as candidates (SAM's automatic mode)
         instead of the single-mask answer (CellSeg1, LiteMedSAM).
     batch_size : int
-        Prompts per decoder call (8-16 is fastest on a CPU).
+        Prompts per decoder call (1-4 is fastest on a CPU: every prompt holds
+        its own copy of the image tokens, and small batches stay in the cache).
+    probability_floor : float
+        Masks are drawn (and kept for the sliders) only for answers whose
+        probability exceeds this or ``probability``, whichever is lower (0.5).
+        Drawing a mask costs about as much as the rest of the decoder, and
+        most answers of a grid are far below any useful threshold; lowering
+        the probability slider below the floor needs a new run.
+    exact_decoder : bool
+        Run SAM's mask decoder as written (bit-for-bit the stock decoder,
+        about 3x slower) instead of the factored one (equal to float32
+        rounding; see :mod:`~napari_cellseg.core.prompt_decoder`).
     max_downscale : float
         The image is embedded whole when its longer side is at most this many
         times the model input; larger images are cut into crops of that size
@@ -224,11 +236,19 @@ class GridConfig(_Config):
     max_area_fraction: float = pp.DEFAULT_MAX_AREA_FRACTION
     min_area: int = pp.DEFAULT_MIN_AREA
     multimask: bool = False
-    batch_size: int = 16
+    batch_size: int = 4
+    probability_floor: float = 0.5
+    exact_decoder: bool = False
     max_downscale: float = 4.0
+
+    @property
+    def decode_floor(self) -> float:
+        """Answers with a probability at or below this are not drawn: ``min(probability_floor, probability)``."""
+        return min(self.probability_floor, self.probability)
 
     def validate(self) -> None:
         _check_int("points_per_side", self.points_per_side, 1)
+        _check_fraction("probability_floor", self.probability_floor, 2.0)
         _check_fraction("probability", self.probability, 2.0)
         _check_fraction("stability", self.stability, 2.0)
         _check_fraction("stability_offset", self.stability_offset, 100.0)
@@ -270,7 +290,7 @@ class GuidedConfig(_Config):
     use_boxes: bool = True
     box_margin: float = 0.1
     min_size: int = pp.DEFAULT_MIN_AREA
-    batch_size: int = 16
+    batch_size: int = 4
     max_downscale: float = 4.0
 
     def validate(self) -> None:
@@ -541,9 +561,16 @@ def decode_prompts(
     points_rc: np.ndarray | None = None,
     boxes_rc: np.ndarray | None = None,
     multimask: bool = False,
-    batch_size: int = 16,
+    batch_size: int = 4,
+    min_score: float | None = None,
+    exact: bool = False,
+    score_log: list | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Decode one positive point (and/or one box) per object, in batches, at decoder resolution.
+
+    Uses :class:`~napari_cellseg.core.prompt_decoder.BatchPromptDecoder`: the
+    image-side work shared by all prompts is done once, and masks are drawn
+    only for answers whose predicted IoU exceeds ``min_score``.
 
     Parameters
     ----------
@@ -555,11 +582,21 @@ def decode_prompts(
         One (row, col) point per object, crop coordinates.
     boxes_rc : ndarray, shape (K, 4), optional
         One (r0, c0, r1, c1) box per object, crop coordinates.
+    min_score : float, optional
+        Only prompts with an answer whose predicted IoU exceeds this are
+        returned (None: every prompt).
+    exact : bool
+        Run SAM's transformer as written (bit-for-bit the stock decoder)
+        instead of the factored one (equal to float32 rounding).
+    score_log : list, optional
+        Receives the predicted IoUs of every batch, kept or not, ``(B, K)``.
 
     Yields
     ------
+    One record per batch of ``batch_size`` prompts (possibly with no object):
+
     index : ndarray of int, shape (B,)
-        Which objects this batch answers.
+        Which objects this batch answers (those passing ``min_score``).
     logits : ndarray of float32, shape (B, K, h, w)
         Low-resolution logits over the model input (K = 3 with ``multimask``, else 1).
     scores : ndarray of float32, shape (B, K)
@@ -567,13 +604,15 @@ def decode_prompts(
     """
     import torch
 
+    from .prompt_decoder import BatchPromptDecoder
+
     sam = model.sam
     n = len(points_rc) if points_rc is not None else len(boxes_rc)
     dev = features.device
     xy = None if points_rc is None else transform.rc_to_model_xy(np.asarray(points_rc, float).reshape(-1, 2))
     xyxy = None if boxes_rc is None else transform.box_rc_to_model_xyxy(np.asarray(boxes_rc, float).reshape(-1, 4))
+    decoder = None
     with torch.inference_mode():
-        dense_pe = sam.prompt_encoder.get_dense_pe()
         for s in range(0, n, batch_size):
             idx = np.arange(s, min(n, s + batch_size))
             pts = None
@@ -582,11 +621,13 @@ def decode_prompts(
                        torch.ones((len(idx), 1), dtype=torch.int64, device=dev))
             bxs = None if xyxy is None else torch.as_tensor(xyxy[idx], dtype=torch.float32, device=dev)
             sparse, dense = sam.prompt_encoder(points=pts, boxes=bxs, masks=None)
-            low, iou = sam.mask_decoder(
-                image_embeddings=features, image_pe=dense_pe, sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense, multimask_output=multimask,
-            )
-            yield idx, low.float().cpu().numpy(), iou.float().cpu().numpy()
+            if decoder is None:
+                decoder = BatchPromptDecoder(sam, features, dense, exact=exact)
+            out = decoder(sparse, multimask=multimask, min_score=min_score)
+            kept = out.kept.cpu().numpy()
+            if score_log is not None:
+                score_log.append(out.scores.float().cpu().numpy())
+            yield idx[kept], out.logits.float().cpu().numpy(), out.scores[out.kept].float().cpu().numpy()
 
 
 # ---------------------------------------------------------------------------
@@ -634,6 +675,8 @@ class MaskCandidates:
         self._geom: list[np.ndarray] = []
         self._cache: dict[int, pp.CropMask] = {}
         self.n_prompts = 0
+        #: highest predicted IoU of any answer, drawn or not (None when unknown)
+        self.best_score: float | None = None
         self._frozen: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -690,6 +733,7 @@ class MaskCandidates:
         keep_empty: bool = False,
         clip_boxes: np.ndarray | None = None,
         image_shape: tuple[int, int] | None = None,
+        min_score: float | None = None,
     ) -> int:
         """Add a decoded batch; returns how many candidates were kept.
 
@@ -717,6 +761,8 @@ class MaskCandidates:
             edge of the crop inside the image are cut off there and are not
             kept (the neighbouring crop sees the whole cell), as in SAM's
             automatic mode.
+        min_score : float, optional
+            Candidates whose predicted IoU is at or below this are not kept.
         """
         logits = np.asarray(logits, np.float32)
         b, k, h, w = logits.shape
@@ -744,6 +790,8 @@ class MaskCandidates:
         keep = np.ones(b * k, bool) if keep_empty else nonempty.copy()
         if max_area is not None:
             keep &= area <= max_area
+        if min_score is not None:
+            keep &= np.asarray(scores, np.float32).reshape(b * k) > min_score
         if not keep.any():
             return 0
         r0 = rows_any.argmax(axis=1)
@@ -931,6 +979,20 @@ class GridResult(AutomaticResult):
 
     candidates: MaskCandidates | None = None
 
+    @property
+    def probability_floor(self) -> float | None:
+        """Answers with a probability at or below this were not drawn by the run (None: all were)."""
+        return self.thresholds.get("probability_floor")
+
+    @property
+    def note(self) -> str:
+        """Empty, or a warning that the probability threshold is below what the run drew."""
+        floor = self.probability_floor
+        if floor is not None and self.thresholds.get("probability", floor) < floor:
+            return (f"answers with a probability of {floor:.2f} or less were not drawn by this run: run again "
+                    "to include them")
+        return ""
+
     def relabel(self, probability: float | None = None, stability: float | None = None,
                 nms_iou: float | None = None, min_area: int | None = None,
                 max_area_fraction: float | None = None) -> np.ndarray:
@@ -946,9 +1008,15 @@ class GridResult(AutomaticResult):
             self.labels = np.zeros(shape, np.int32)
             self.thresholds = th
             if cands is not None and not self.message.startswith("the image"):
-                self.message = (f"no cells: none of the {cands.n_prompts} prompts gave a mask smaller than "
-                                f"{th['max_area_fraction']:.0%} of the image: raise the maximum mask area and "
-                                "run again")
+                floor = th.get("probability_floor")
+                if floor is not None and cands.best_score is not None and cands.best_score <= floor:
+                    self.message = (f"no cells: none of the {cands.n_prompts} prompts has an answer with a cell "
+                                    f"probability (predicted IoU) above {floor:.2f} (highest "
+                                    f"{cands.best_score:.2f}): lower the probability threshold and run again")
+                else:
+                    self.message = (f"no cells: none of the {cands.n_prompts} prompts gave a mask smaller than "
+                                    f"{th['max_area_fraction']:.0%} of the image: raise the maximum mask area and "
+                                    "run again")
             return self.labels
         image_area = shape[0] * shape[1]
         p_ok = cands.scores > th["probability"]
@@ -1109,7 +1177,7 @@ def grid_segmentation(
     shape = image01.shape[:2]
     th = {"probability": cfg.probability, "stability": cfg.stability, "nms_iou": cfg.nms_iou,
           "min_area": cfg.min_area, "max_area_fraction": cfg.max_area_fraction,
-          "stability_offset": cfg.stability_offset}
+          "stability_offset": cfg.stability_offset, "probability_floor": cfg.decode_floor}
     cands = MaskCandidates(shape)
     if message:
         return GridResult("grid", np.zeros(shape, np.int32), message, th, model.name, candidates=cands)
@@ -1121,6 +1189,7 @@ def grid_segmentation(
     total = len(crops) * (n_batches + 1)
     step = 0
     max_area = cfg.max_area_fraction * shape[0] * shape[1]
+    score_log: list[np.ndarray] = []
     for ci, crop in enumerate(crops):
         if ci == 0:
             yield Progress(step, total, f"grid: embedding crop 1/{len(crops)}")
@@ -1132,14 +1201,18 @@ def grid_segmentation(
         done = 0
         for idx, logits, scores in decode_prompts(
             model, emb.features, emb.transform, points_rc=local, multimask=cfg.multimask,
-            batch_size=cfg.batch_size,
+            batch_size=cfg.batch_size, min_score=cfg.decode_floor, exact=cfg.exact_decoder, score_log=score_log,
         ):
-            cands.add(logits, scores, crop=crop, transform=emb.transform, points=points[idx],
-                      ids=idx + ci * per_crop, stability_offset=cfg.stability_offset, max_area=max_area,
-                      image_shape=shape if len(crops) > 1 else None)
-            done += len(idx)
+            if len(idx):
+                cands.add(logits, scores, crop=crop, transform=emb.transform, points=points[idx],
+                          ids=idx + ci * per_crop, stability_offset=cfg.stability_offset, max_area=max_area,
+                          image_shape=shape if len(crops) > 1 else None, min_score=cfg.decode_floor)
+            done = min(per_crop, done + cfg.batch_size)
             step += 1
             yield Progress(step, total, f"grid: {done}/{per_crop} prompts, {len(cands)} candidates")
+    cands.n_prompts = len(crops) * per_crop
+    if score_log:
+        cands.best_score = float(max(x.max(initial=-np.inf) for x in score_log))
     # upsample every candidate now, off the GUI thread, so that slider moves only filter and paint
     if len(cands) <= PRECOMPUTE_LIMIT:
         for k in range(len(cands)):
