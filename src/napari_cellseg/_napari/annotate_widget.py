@@ -146,7 +146,7 @@ class AnnotationWidget(QWidget):
     :func:`napari_cellseg.core.interactive.plan_commit`.
     """
 
-    def __init__(self, napari_viewer, model_loader=None, debounce_ms: int = 150):
+    def __init__(self, napari_viewer, model_loader=None, debounce_ms: int = 50):
         super().__init__()
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)

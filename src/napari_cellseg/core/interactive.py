@@ -1202,12 +1202,9 @@ class InteractiveSegmenter:
             boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, w)
         with self._lock:
             self.predictor.set_embedding(emb)
-            _, scores, low = self.predictor.decode(pts, lab, boxes, multimask=single, upsample=False)
-            if single:
-                best = scores.argmax(axis=1)
-                sel = np.arange(len(best))
-                low = low[sel, best][:, None]
-                scores = scores[sel, best][:, None]
+            # a lone click is ambiguous: the best of SAM's three candidates, the only one upscaled
+            _, scores, low = self.predictor.decode(pts, lab, boxes, multimask=single, best=single,
+                                                   upsample=False)
             with torch.inference_mode():
                 logits = self.predictor.upsample_logits(torch.from_numpy(np.ascontiguousarray(low)))
                 masks = (logits[:, 0] > self.mask_threshold).numpy()

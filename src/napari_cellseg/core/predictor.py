@@ -91,9 +91,33 @@ class Predictor:
         :func:`~napari_cellseg.core.models.random_model`.
     """
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, fast_decoder: bool = True) -> None:
         self.model = model
         self.embedding: Embedding | None = None
+        self.use_fast_decoder = bool(fast_decoder)
+        self._fast = None
+        self._fast_unsupported: str | None = None
+
+    def fast_decoder(self):
+        """The :class:`~napari_cellseg.core.fast_decoder.FastMaskDecoder` of this model, or None.
+
+        None when switched off (``fast_decoder=False``) or when the network is
+        not segment-anything's layout (``self._fast_unsupported`` says why,
+        e.g. a decoder with LoRA layers during fine-tuning); prompts are then
+        decoded by segment-anything's own modules.
+        """
+        if not self.use_fast_decoder:
+            return None
+        from .fast_decoder import FastMaskDecoder, fast_decoder_unsupported
+
+        sam = self.model.sam
+        # checked at every call (microseconds): fine-tuning may put LoRA layers into the decoder, or merge them
+        self._fast_unsupported = fast_decoder_unsupported(sam)
+        if self._fast_unsupported is not None:
+            return None
+        if self._fast is None or self._fast.sam is not sam:
+            self._fast = FastMaskDecoder(sam)
+        return self._fast
 
     # -- embedding --------------------------------------------------------------
 
@@ -158,6 +182,7 @@ class Predictor:
         mask_input: np.ndarray | None = None,
         multimask: bool = False,
         upsample: bool = True,
+        best: bool = False,
     ):
         """Decode a batch of prompt sets: the shared path of every prompt method.
 
@@ -175,6 +200,17 @@ class Predictor:
             Return SAM's three candidate masks per object instead of one.
         upsample : bool
             Return full-resolution masks; otherwise only low-resolution logits.
+        best : bool
+            With ``multimask``: keep only the candidate with the highest
+            predicted IoU (``K = 1``), as SAM's automatic mode does for an
+            ambiguous click; the others are never upscaled.
+
+        Notes
+        -----
+        Without ``mask_input``, prompts go through
+        :class:`~napari_cellseg.core.fast_decoder.FastMaskDecoder` (the same
+        answers as segment-anything's decoder up to float rounding, several
+        times faster on a CPU); with it, through segment-anything's modules.
 
         Returns
         -------
@@ -225,15 +261,23 @@ class Predictor:
             rows, cols = emb.image_shape
             return (np.zeros((0, 1, rows, cols), bool), np.zeros((0, 1), np.float32),
                     np.zeros((0, 1, 1, 1), np.float32))
+        fast = self.fast_decoder() if masks_in is None and emb.features.shape[0] == 1 else None
         with torch.inference_mode():
             sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=masks_in)
-            low_res, iou = sam.mask_decoder(
-                image_embeddings=emb.features,
-                image_pe=sam.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-            )
+            if fast is not None:
+                low_res, iou = fast(emb.features, sparse, multimask=multimask, best=best)
+            else:
+                low_res, iou = sam.mask_decoder(
+                    image_embeddings=emb.features,
+                    image_pe=sam.prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=multimask,
+                )
+                if multimask and best:
+                    pick = iou.argmax(dim=1)
+                    sel = torch.arange(len(pick), device=pick.device)
+                    low_res, iou = low_res[sel, pick][:, None], iou[sel, pick][:, None]
             masks = None
             if upsample:
                 logits = self.upsample_logits(low_res)
@@ -307,13 +351,8 @@ class Predictor:
         """
         pts = np.asarray(points, float).reshape(-1, 1, 2)
 
-        def run(sl):
-            masks, scores, low = self.decode(points_rc=pts[sl], multimask=True)
-            best = scores.argmax(axis=1)
-            idx = np.arange(len(best))
-            return masks[idx, best][:, None], scores[idx, best][:, None], low[idx, best][:, None]
-
-        return self._batched(run, len(pts), batch_size)
+        return self._batched(lambda sl: self.decode(points_rc=pts[sl], multimask=True, best=True), len(pts),
+                             batch_size)
 
     def _batched(self, run, n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         rows, cols = self._require_embedding().image_shape
