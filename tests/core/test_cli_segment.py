@@ -116,3 +116,15 @@ def test_sample_image(tmp_path, tiny_checkpoint, capsys):
     assert code == 0, captured.err
     assert tifffile.imread(out / "cells_labels.tif").shape == (512, 512)
     assert "sample:cells" in captured.out
+
+
+def test_without_model_segment_uses_the_catalogue_default(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    """The default is read from the catalogue at run time (a fine-tuned default model will replace LiteMedSAM)."""
+    monkeypatch.setattr(models, "DEFAULT_MODEL", str(tiny_checkpoint))
+    src = tmp_path / "img.tif"
+    tifffile.imwrite(src, _image())
+    code = main(["segment", str(src), "--out", str(tmp_path / "out"), *GRID])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "tiny.pth" in captured.err and "(default model)" in captured.err
+    assert tifffile.imread(tmp_path / "out" / "img_labels.tif").shape == (64, 64)

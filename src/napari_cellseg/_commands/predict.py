@@ -1,4 +1,26 @@
-"""``napari-cellseg predict``: segment prompted objects, one object per box or per point."""
+"""``napari-cellseg predict``: segment prompted objects, one object per box and one per point.
+
+The engine is the annotation widget's (:class:`~napari_cellseg.core.interactive.InteractiveSegmenter`):
+
+* every ``--box`` is one object, every ``--point`` (a click) is one object;
+* every ``--neg-point`` is a negative click given to *every* object (to keep a
+  neighbour or the background out), as in the widget's "one object per point" mode;
+* a lone click is ambiguous: the best of SAM's three candidate masks (by predicted
+  IoU) is kept;
+* masks are cut at the model's default logit threshold (the widget's; ``--mask-threshold``
+  overrides it);
+* the whole image is embedded once (``--zoom``: the widget's prompt-centred zoom,
+  one embedding per region, slower but better for small cells with small-input models);
+* where objects overlap, the pixel goes to the object with the higher predicted IoU;
+  ids are 1, 2, ... in the order boxes, then points; an object with an empty mask
+  leaves its id unused.
+
+Examples::
+
+    napari-cellseg predict cells.tif --point 120 340 --point 200 415 --out clicks.tif
+    napari-cellseg predict cells.tif --box 100 320 150 380 --neg-point 140 372 --out box.tif
+    napari-cellseg predict --sample cells --gt-boxes --out cells_labels.tif
+"""
 
 from __future__ import annotations
 
@@ -10,25 +32,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("image", nargs="?", help="image file (TIFF, PNG, JPEG)")
     src.add_argument("--sample", choices=["cells", "nuclei"], help="use a sample image shipped with the plugin")
     parser.add_argument("--box", nargs=4, type=float, action="append", default=[], metavar=("R0", "C0", "R1", "C1"),
-                        help="a box prompt (row/col of two corners, end exclusive); repeat for more objects")
+                        help="a box prompt (row/col of two corners, end exclusive); one object per box; repeat")
     parser.add_argument("--point", nargs=2, type=float, action="append", default=[], metavar=("R", "C"),
                         help="a click on an object (row, col); one object per point; repeat for more")
+    parser.add_argument("--neg-point", nargs=2, type=float, action="append", default=[], metavar=("R", "C"),
+                        help="a negative click (row, col) given to every object: keeps that place out of all "
+                             "masks; repeat for more")
     parser.add_argument("--gt-boxes", action="store_true",
                         help="with --sample: prompt with a box around every annotated cell (a demo)")
-    parser.add_argument("--model", default=None, help="catalogue name or checkpoint file (default: the default model)")
+    parser.add_argument("--model", default=None,
+                        help="catalogue name or checkpoint file (default: the catalogue's default model)")
+    parser.add_argument("--mask-threshold", type=float, default=None,
+                        help="mask logit threshold (default: the model's own, as in the annotation widget)")
+    parser.add_argument("--zoom", action="store_true",
+                        help="segment each prompt in an embedding of a window around it (the widget's "
+                             "prompt-centred zoom) instead of one embedding of the whole image")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--channel", type=int, default=None, help="channel of a multichannel image")
     parser.add_argument("--plane", type=int, default=None, help="plane of a 3D or time stack (first axis)")
     parser.add_argument("--out", required=True, help="output label image (TIFF)")
 
 
+def _check_inside(name: str, coords, shape) -> None:
+    from napari_cellseg.cli import UserError
+
+    rows, cols = shape
+    for r, c in coords:
+        if not (-0.5 <= r <= rows - 0.5 and -0.5 <= c <= cols - 0.5):
+            raise UserError(f"{name} {r:g} {c:g} lies outside the image of shape ({rows}, {cols}); "
+                            "coordinates are (row, col) in pixels")
+
+
+def paint_by_score(objects, shape, dtype=None):
+    """Label image of objects (ids 1, 2, ... in order); on overlaps the higher score wins (earlier on ties)."""
+    import numpy as np
+
+    out = np.zeros(tuple(shape[:2]), dtype or (np.uint16 if len(objects) < 2**16 else np.uint32))
+    order = sorted(range(len(objects)), key=lambda k: (-objects[k].score, k))
+    for k in reversed(order):  # worst first, so the best ends on top
+        obj = objects[k]
+        if obj.area:
+            r0, c0, r1, c1 = obj.bbox
+            out[r0:r1, c0:c1][obj.mask] = k + 1
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from napari_cellseg.cli import UserError
+    from napari_cellseg.core import models
+    from napari_cellseg.core.interactive import AnnotationConfig, InteractiveSegmenter, ObjectPrompt
     from napari_cellseg.core.io import load_sample, read_image, write_labels
-    from napari_cellseg.core.models import DEFAULT_MODEL, load_model
-    from napari_cellseg.core.predictor import Predictor, masks_to_labels
+    from napari_cellseg.core.predictor import clip_boxes
+    from napari_cellseg.core.preprocess import as_plane
 
     if args.sample:
         sample = load_sample(args.sample)
@@ -48,25 +105,35 @@ def run(args: argparse.Namespace) -> int:
     elif image.ndim == 3 and image.shape[-1] not in (3, 4) and args.channel is None:
         raise UserError(f"image has shape {image.shape}: pass --plane N for a stack or --channel N for channels")
     if not args.box and not args.point:
-        raise UserError("give at least one --box R0 C0 R1 C1 or --point R C")
+        raise UserError("give at least one --box R0 C0 R1 C1 or --point R C (--neg-point alone makes no object)")
+    shape = as_plane(image, args.channel).shape[:2]
+    _check_inside("--point", args.point, shape)
+    _check_inside("--neg-point", args.neg_point, shape)
+    boxes = clip_boxes(np.array(args.box, float), shape) if args.box else np.zeros((0, 4))
 
-    model = load_model(args.model or DEFAULT_MODEL, device=args.device)
-    predictor = Predictor(model)
-    predictor.set_image(image, channel=args.channel)
-    masks, scores = [], []
-    if args.box:
-        m, s = predictor.predict_boxes(np.array(args.box, float))
-        masks.append(m)
-        scores.append(s)
-    if args.point:
-        m, s = predictor.predict_points(np.array(args.point, float))
-        masks.append(m)
-        scores.append(s)
-    masks = np.concatenate(masks)
-    scores = np.concatenate(scores)
-    labels = masks_to_labels(masks, scores)
+    neg = np.array(args.neg_point, float).reshape(-1, 2)
+    neg_labels = np.zeros(len(neg))
+    prompts = [ObjectPrompt(points=neg, labels=neg_labels, box=b) for b in boxes]
+    prompts += [ObjectPrompt(points=np.vstack([[p], neg]), labels=np.r_[1.0, neg_labels]) for p in args.point]
+
+    name = args.model or models.DEFAULT_MODEL  # read at run time: the catalogue's default may change
+    model = models.load_model(name, device=args.device)
+    config = AnnotationConfig(zoom="auto" if args.zoom else "off", mask_threshold=args.mask_threshold)
+    segmenter = InteractiveSegmenter(model, config=config)
+    segmenter.set_image(image, channel=args.channel)
+    objects = segmenter.segment_many(prompts)
+    labels = paint_by_score(objects, shape)
     out = write_labels(args.out, labels)
-    areas = [int((labels == k + 1).sum()) for k in range(len(masks))]
-    print(f"{model.describe()}: {len(masks)} prompts -> {sum(a > 0 for a in areas)} objects, "
-          f"mean area {np.mean(areas):.0f} px, mean predicted IoU {scores.mean():.2f}; wrote {out}")
+    areas = np.bincount(labels.ravel(), minlength=len(objects) + 1)[1:]
+    scores = np.array([o.score for o in objects])
+    kinds = []
+    if len(boxes):
+        kinds.append(f"{len(boxes)} box{'es' if len(boxes) > 1 else ''}")
+    if args.point:
+        kinds.append(f"{len(args.point)} point{'s' if len(args.point) > 1 else ''}")
+    extra = f", {len(neg)} negative point{'s' if len(neg) > 1 else ''} each" if len(neg) else ""
+    print(f"{model.describe()}{' (default model)' if args.model is None else ''}, mask threshold "
+          f"{segmenter.mask_threshold:g}{', zoom' if args.zoom else ''}: {len(prompts)} prompts "
+          f"({' + '.join(kinds)}{extra}) -> {int((areas > 0).sum())} objects, mean area {areas.mean():.0f} px, "
+          f"mean predicted IoU {scores.mean():.2f}; wrote {out}")
     return 0

@@ -124,8 +124,8 @@ def run(args: argparse.Namespace) -> int:
 
     from napari_cellseg.cli import UserError
     from napari_cellseg.core import automatic as auto
+    from napari_cellseg.core import models
     from napari_cellseg.core.io import load_sample, read_image, write_labels
-    from napari_cellseg.core.models import DEFAULT_MODEL, load_model
     from napari_cellseg.core.progress import TerminalProgress, run_to_completion
 
     if not args.inputs and not args.sample:
@@ -139,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
     if not jobs:
         raise UserError("nothing to segment: " + "; ".join(problems))
 
-    model = load_model(args.model or DEFAULT_MODEL, device=args.device)
+    # the catalogue's default model, read at run time (a fine-tuned default replaces LiteMedSAM there)
+    model = models.load_model(args.model or models.DEFAULT_MODEL, device=args.device)
     if args.output == "distance":
         model = auto.as_distance_model(model)
     mode = args.mode or auto.default_mode(model)
@@ -147,11 +148,12 @@ def run(args: argparse.Namespace) -> int:
         auto.require_distance_model(model, mode)
     prompt_model = None
     if mode == "guided" and args.prompt_model:
-        prompt_model = load_model(args.prompt_model, device=args.device)
+        prompt_model = models.load_model(args.prompt_model, device=args.device)
     config = auto.make_config(mode, model, **_settings(args, mode))
     out_dir = Path(args.out).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"{mode} mode with {model.describe()}; {len(jobs)} input(s) -> {out_dir}", file=sys.stderr)
+    default = " (default model)" if args.model is None else ""
+    print(f"{mode} mode with {model.describe()}{default}; {len(jobs)} input(s) -> {out_dir}", file=sys.stderr)
 
     used: set[Path] = set()
     ok = 0
