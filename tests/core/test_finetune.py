@@ -677,3 +677,44 @@ def test_tied_multimask_outputs_answer_like_the_single_output():
         np.testing.assert_allclose(low3[:, k], low1[:, 0], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(s3[:, k], s1[:, 0], rtol=1e-5, atol=1e-6)
     assert "s0.full.mask_decoder.output_hypernetworks_mlps.3.layers.0.weight" in result.tensors
+
+
+def test_joint_recipe_learns_distance_and_prompts_in_one_model():
+    image, labels = _cells()
+    base = models.random_model("tinyvit_test")
+    data = ft.make_training_data(image, labels)
+    cfg = ft.FinetuneConfig(recipe="joint", epochs=30, minutes=None, views=2, augment=False, lr=2e-3, amp=False,
+                            max_negatives=4, batch_size=1)
+    trainer = ft.Finetuner(base, data, cfg)
+    records = []
+    result = run_to_completion(trainer.run(), records.append)
+    losses = [r.data["loss"] for r in records if r.data and r.data.get("loss") is not None]
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), (losses[:5], losses[-5:])
+    entry = trainer._view_entry(data, ft.ViewSpec(0, (48.0, 48.0), 64.0), trainer.distances, True)
+    assert "target" in entry and "cells" in entry  # both losses have their data
+    for recipe in ("distance", "prompt"):  # each half of the loss fell
+        untrained, trained = probe_with(trainer, entry, recipe, base)
+        assert trained < untrained, (recipe, untrained, trained)
+    meta = result.meta
+    assert meta["output"] == "distance" and set(meta["capabilities"]) == {"distance", "prompt", "grid"}
+    assert meta["config"]["distance_weight"] == 5.0 and "thresholds" in meta
+    # the point embeddings and the whole decoder are trained; multimask outputs are tied to the single one
+    assert any(k.startswith("prompt_encoder.point_embeddings") for k in trainer.full_names)
+    sam = result.model.sam
+    assert torch.equal(sam.mask_decoder.mask_tokens.weight[0], sam.mask_decoder.mask_tokens.weight[1])
+
+
+def test_joint_views_alternate_clahe_and_keys_differ():
+    image, labels = _cells()
+    data = ft.make_training_data(image, labels)
+    cfg = ft.FinetuneConfig(recipe="joint", epochs=1, minutes=None).resolved(64)
+    specs = ft.plan_views(data, 40, cfg, np.random.default_rng(0))
+    flags = [s.clahe for s in specs]
+    assert 5 < sum(flags) < 35
+    a, b = specs[0], ft.ViewSpec(**{**specs[0].__dict__, "clahe": not specs[0].clahe})
+    assert a.key() != b.key()
+    plain = ft.render_view(data.pairs[0], ft.ViewSpec(0, (48.0, 48.0), 64.0), 64)
+    equalised = ft.render_view(data.pairs[0], ft.ViewSpec(0, (48.0, 48.0), 64.0, clahe=True), 64)
+    assert not np.allclose(plain["image"], equalised["image"])
+    prompt_cfg = ft.FinetuneConfig(recipe="prompt", epochs=1, minutes=None).resolved(64)
+    assert not any(s.clahe for s in ft.plan_views(data, 20, prompt_cfg, np.random.default_rng(0)))

@@ -165,9 +165,11 @@ class FinetuneWidget(QWidget):
         self.recipe_combo = QComboBox()
         self.recipe_combo.addItem("prompt (clicks, boxes, grid)", "prompt")
         self.recipe_combo.addItem("distance map (automatic)", "distance")
+        self.recipe_combo.addItem("joint (clicks, boxes and automatic)", "joint")
         self.recipe_combo.setToolTip(
             "prompt: CellSeg1 LoRA, makes clicks, boxes and grid mode work on your cells.\n"
-            "distance: SAMCell distance maps, for the automatic distance-map mode (cheaper to train on a CPU)")
+            "distance: SAMCell distance maps, for the automatic distance-map mode (cheaper to train on a CPU).\n"
+            "joint: both in one model (every mode works with it; slowest per step)")
         self.base_combo = QComboBox()
         self.base_combo.setEditable(True)
         self.base_combo.setToolTip("Model to start from (a catalogue name or a checkpoint path); a fine-tuned "

@@ -118,7 +118,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .models import LoadedModel
 
-RECIPES = ("prompt", "distance")
+RECIPES = ("prompt", "distance", "joint")
+#: recipes whose model answers the empty prompt with a distance map
+DISTANCE_RECIPES = ("distance", "joint")
+#: recipes that train point and box prompts
+PROMPT_RECIPES = ("prompt", "joint")
 PROMPT_TYPES = ("point", "box")
 #: fewest annotated cells a run accepts (over all training images)
 MIN_CELLS = 2
@@ -150,8 +154,12 @@ class FinetuneConfig:
 
     Attributes
     ----------
-    recipe : {"prompt", "distance"}
-        CellSeg1 LoRA for prompts and grid mode, or SAMCell distance maps.
+    recipe : {"prompt", "distance", "joint"}
+        CellSeg1 LoRA for prompts and grid mode, SAMCell distance maps, or
+        both at once (``"joint"``: one model for every mode; each step adds
+        the distance loss of ``batch_size`` views and the prompt loss of
+        points and boxes in the first of them, weighted by
+        ``distance_weight``; the whole decoder and the neck are trained).
     minutes : float or None
         Time budget of the whole run (embedding the views included). Training
         stops at the budget or after ``epochs``, whichever comes first.
@@ -272,6 +280,10 @@ class FinetuneConfig:
     thresholds : dict or None
         Distance recipe: ``{"peak": ..., "fill": ...}`` of the map watershed
         stored in the adapter (SAMCell's 0.47 / 0.09 by default).
+    distance_weight : float or None
+        Joint recipe: weight of the distance-map MSE against the prompt loss
+        (default 5: the MSE of a normalised distance map is about a tenth of
+        the BCE + Dice of a mask).
     tune_thresholds : bool
         Distance recipe: after training, choose the thresholds that give the
         best AP@0.5 on the validation planes (or, without them, on the cached
@@ -320,13 +332,15 @@ class FinetuneConfig:
     checkpoint_minutes: float = 2.0
     thresholds: dict | None = None
     tune_thresholds: bool = True
+    distance_weight: float | None = None
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {self.recipe!r}: choose 'prompt' (CellSeg1) or 'distance' (SAMCell)")
+            raise ValueError(f"unknown recipe {self.recipe!r}: choose 'prompt' (CellSeg1), 'distance' (SAMCell) "
+                             "or 'joint' (both)")
         self.prompt_types = tuple(self.prompt_types)
         bad = [p for p in self.prompt_types if p not in PROMPT_TYPES]
-        if bad or (self.recipe == "prompt" and not self.prompt_types):
+        if bad or (self.recipe in PROMPT_RECIPES and not self.prompt_types):
             raise ValueError(f"prompt_types must be a non-empty subset of {PROMPT_TYPES}, got {self.prompt_types}")
         if self.crop_scale is not None:
             self.crop_scale = (float(self.crop_scale[0]), float(self.crop_scale[1]))
@@ -374,7 +388,12 @@ class FinetuneConfig:
             dice_weight=1.0 if prompt else 0.0,
             cache_fraction=0.2 if prompt else 0.35,
             thresholds=None if prompt else dict(DEFAULT_DISTANCE_THRESHOLDS),
+            distance_weight=5.0 if self.recipe == "joint" else 1.0,
         )
+        if self.recipe == "joint":
+            # distance-style views and schedule; prompts learn with the Dice term; views
+            # alternate with and without CLAHE (the distance mode equalises crops, clicks do not)
+            values.update(dice_weight=1.0, clahe=False, crop_scale=(0.7, 1.5))
         return replace(self, **{k: v for k, v in values.items() if getattr(self, k) is None})
 
     def to_dict(self) -> dict:
@@ -785,10 +804,12 @@ class ViewSpec:
     gain: float = 1.0
     bias: float = 0.0
     invert: bool = False
+    clahe: bool = False
 
     def key(self) -> str:
         return (f"{self.pair}-{self.center[0]:.2f}-{self.center[1]:.2f}-{self.side:.2f}-{self.angle:.4f}-"
-                f"{int(self.flip)}-{self.gain:.4f}-{self.bias:.4f}-{int(self.invert)}")
+                f"{int(self.flip)}-{self.gain:.4f}-{self.bias:.4f}-{int(self.invert)}"
+                + ("-clahe" if self.clahe else ""))
 
 
 def _source_coords(spec: ViewSpec, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -838,7 +859,7 @@ def render_view(pair: TrainingPair, spec: ViewSpec, size: int, clahe: bool = Fal
     known = ndi.map_coordinates(pair.known[window].astype(np.uint8), coords, order=0, mode="constant",
                                 cval=0).astype(bool)
     out = np.clip(out, 0.0, 1.0).astype(np.float32)
-    if clahe:
+    if clahe or spec.clahe:
         from .preprocess import clahe as run_clahe
 
         out = run_clahe(out)
@@ -883,6 +904,7 @@ def plan_views(data: TrainingData, n_views: int, cfg: FinetuneConfig, rng: np.ra
                 angle=float(rng.uniform(-np.pi, np.pi)), flip=bool(rng.random() < 0.5),
                 gain=float(np.exp(rng.uniform(np.log(0.75), np.log(1.33)))), bias=float(rng.uniform(-0.1, 0.1)),
                 invert=bool(cfg.invert and rng.random() < 0.5),
+                clahe=bool(cfg.recipe == "joint" and rng.random() < 0.5),
             )
         else:
             spec = ViewSpec(pair=pair_idx, center=center, side=float(cfg.crop_size))
@@ -1354,11 +1376,11 @@ class Finetuner:
             full_names += [n for n, _ in sam.named_parameters() if n.startswith("mask_decoder.")]
         if self.cfg.encoder_tail == "neck":
             full_names += [n for n, _ in sam.named_parameters() if n.startswith("image_encoder.neck.")]
-        if self.cfg.recipe == "distance" and self.cfg.decoder != "full":
+        if self.cfg.recipe in DISTANCE_RECIPES and self.cfg.decoder != "full":
             # the rescaled output layer (see _unsaturate) must be saved with the adapter
             full_names += [n for n, _ in sam.named_parameters()
                            if n.startswith("mask_decoder.output_hypernetworks_mlps.0.layers.2.")]
-        if self.cfg.recipe == "prompt" and self.cfg.train_point_embeddings:
+        if self.cfg.recipe in PROMPT_RECIPES and self.cfg.train_point_embeddings:
             full_names += [n for n, _ in sam.named_parameters()
                            if n.startswith("prompt_encoder.point_embeddings.")
                            or n.startswith("prompt_encoder.not_a_point_embed.")]
@@ -1381,7 +1403,7 @@ class Finetuner:
         self._sam = sam
         self.input_size = int(sam.image_encoder.img_size)
         self.use_amp = _amp_supported(device) if self.cfg.amp is None else bool(self.cfg.amp)
-        if self.cfg.recipe == "distance":
+        if self.cfg.recipe in DISTANCE_RECIPES:
             self.distances = [normalized_distance_map(p.labels) for p in self.train.pairs]
         else:
             self.distances = [None] * len(self.train.pairs)
@@ -1462,7 +1484,7 @@ class Finetuner:
         entry = {"labels": view["labels"], "known": view["known"]}
         if "target" in view:
             entry["target"] = view["target"].astype(np.float16)
-        if self.cfg.recipe == "prompt":
+        if self.cfg.recipe in PROMPT_RECIPES:
             entry.update(_prompt_candidates(view["labels"], view["known"], self.cfg.top_fraction))
         if with_features:
             path = self._cache_path(pair, spec)
@@ -1496,7 +1518,7 @@ class Finetuner:
             return feats
         return self._encode(entry["image"], grad=True)
 
-    def _distance_loss(self, entries: list[dict]):
+    def _distance_loss(self, entries: list[dict], weight: float = 1.0):
         torch = _torch()
         import torch.nn.functional as F
 
@@ -1509,10 +1531,10 @@ class Finetuner:
                            align_corners=False)[:, 0]
         pred = torch.sigmoid(up)
         target = torch.from_numpy(np.stack([e["target"].astype(np.float32) for e in entries])).to(self.device)
-        weight = torch.from_numpy(np.stack([e["known"] for e in entries]).astype(np.float32)).to(self.device)
-        loss = ((pred - target) ** 2 * weight).sum() / weight.sum().clamp_min(1.0)
-        loss.backward()
-        return float(loss.detach())
+        known = torch.from_numpy(np.stack([e["known"] for e in entries]).astype(np.float32)).to(self.device)
+        loss = ((pred - target) ** 2 * known).sum() / known.sum().clamp_min(1.0)
+        (loss * weight).backward()
+        return float(loss.detach()) * weight
 
     def _prompt_loss(self, entry: dict, rng: np.random.Generator):
         """Decode sampled prompts of one view, accumulate gradients; return the mean loss."""
@@ -1638,7 +1660,7 @@ class Finetuner:
         with torch.no_grad():
             for i, pair in enumerate(self.validation.pairs):
                 tiles = [t for t in self.val_tiles if t["pair"] == i]
-                if self.cfg.recipe == "distance":
+                if self.cfg.recipe in DISTANCE_RECIPES:
                     acc = np.zeros(pair.shape, np.float32)
                     cnt = np.zeros(pair.shape, np.float32)
                     for t in tiles:
@@ -1729,7 +1751,7 @@ class Finetuner:
         tensors = self._all_tensors(new_tensors)
         sam = copy.deepcopy(self.root_sam())
         apply_adapter(sam, tensors)
-        if self.cfg.recipe == "prompt" and self.cfg.multimask == "tie":
+        if self.cfg.recipe in PROMPT_RECIPES and self.cfg.multimask == "tie":
             tied = tie_multimask_outputs(sam)
             tensors = {**tensors, **{f"s{self.stage}.full.{k}": v for k, v in tied.items()}}
         sam.to(self.device).eval()
@@ -1775,7 +1797,7 @@ class Finetuner:
             "data": self.train.summary,
             "metrics": metrics,
         }
-        output = "distance" if cfg.recipe == "distance" else "mask"
+        output = "distance" if cfg.recipe in DISTANCE_RECIPES else "mask"
         meta = {
             "format": ADAPTER_FORMAT,
             "version": ADAPTER_VERSION,
@@ -1784,7 +1806,8 @@ class Finetuner:
             "input_size": self.input_size,
             "recipe": cfg.recipe,
             "output": output,
-            "capabilities": ["distance"] if output == "distance" else ["prompt", "grid"],
+            "capabilities": {"distance": ["distance"], "joint": ["distance", "prompt", "grid"]}.get(
+                cfg.recipe, ["prompt", "grid"]),
             "crop_size": cfg.crop_size,
             "config": cfg.to_dict(),
             "data": self.train.summary,
@@ -1885,7 +1908,7 @@ class Finetuner:
                 if self._stop.is_set():
                     break
             self.n_views = len(entries)
-        if cfg.recipe == "distance" and resume is None:
+        if cfg.recipe in DISTANCE_RECIPES and resume is None:
             probe = entries or [self._view_entry(self.train, s, self.distances, with_features=True)
                                 for s in plan_views(self.train, 1, cfg, rng)]
             self.output_scale = self._unsaturate(probe)
@@ -1896,9 +1919,9 @@ class Finetuner:
         # -- schedule -------------------------------------------------------------------
         bs = cfg.batch_size
         if cache:
-            per_epoch = max(1, math.ceil(len(entries) / bs)) if cfg.recipe == "distance" else len(entries)
+            per_epoch = max(1, math.ceil(len(entries) / bs)) if cfg.recipe in DISTANCE_RECIPES else len(entries)
         else:
-            per_epoch = max(1, math.ceil(n_tiles / (bs if cfg.recipe == "distance" else 1)))
+            per_epoch = max(1, math.ceil(n_tiles / (bs if cfg.recipe in DISTANCE_RECIPES else 1)))
         self._steps_per_epoch = per_epoch
         max_steps = cfg.epochs * per_epoch if cfg.epochs else None
         train_start = time.monotonic()
@@ -1948,14 +1971,19 @@ class Finetuner:
                 if not order:
                     order = list(rng.permutation(len(entries)))
                     epoch += 1
-                take = [order.pop() for _ in range(min(bs if cfg.recipe == "distance" else 1, len(order)))]
+                take = [order.pop() for _ in range(min(bs if cfg.recipe in DISTANCE_RECIPES else 1, len(order)))]
                 batch = [entries[i] for i in take]
             else:
-                specs = plan_views(self.train, bs if cfg.recipe == "distance" else 1, cfg, rng)
+                specs = plan_views(self.train, bs if cfg.recipe in DISTANCE_RECIPES else 1, cfg, rng)
                 batch = [self._view_entry(self.train, s, self.distances, with_features=False) for s in specs]
                 epoch = self._steps // per_epoch + 1
             if cfg.recipe == "distance":
                 loss = self._distance_loss(batch)
+            elif cfg.recipe == "joint":
+                loss = self._distance_loss(batch, weight=cfg.distance_weight)
+                prompt_loss = self._prompt_loss(batch[0], rng)
+                if prompt_loss is not None:
+                    loss += prompt_loss
             else:
                 loss = self._prompt_loss(batch[0], rng)
             if loss is not None:
@@ -2000,7 +2028,7 @@ class Finetuner:
         tensors = self._best_tensors if self._best_tensors is not None else self._current_tensors()
         yield Progress(self._steps, self._steps, "building the fine-tuned model")
         result = self._make_result(tensors, stopped)
-        if cfg.recipe == "distance" and cfg.tune_thresholds and self.config.thresholds is None:
+        if cfg.recipe in DISTANCE_RECIPES and cfg.tune_thresholds and self.config.thresholds is None:
             yield Progress(self._steps, self._steps, "tuning the distance-map thresholds")
             self._tune_thresholds(result, entries)
         self._finished = result
