@@ -7,7 +7,8 @@ Three figures, on this machine's CPU:
 2. Latency from a prompt change to the preview, core path (the part the GUI waits for once the embedding is cached):
    window lookup + prompt encoding + mask decoding + upsampling + pasting the object into a preview label plane.
    p50 / p95 over ``--latency-prompts`` box prompts at ground-truth cell boxes. Goals: p50 <= 30 ms LiteMedSAM,
-   <= 100 ms vit_b.
+   <= 100 ms vit_b. Each prompt is answered by the plugin's FastMaskDecoder and, right after it (same load), by
+   segment-anything's own MaskDecoder; with 1 and with 2 torch threads (``--latency-threads``).
 3. Box-prompt quality, zero-shot LiteMedSAM: mean IoU of the mask answering each ground-truth box with the cell's
    ground-truth mask, on the team's validation images of usiigaci-phase-train (sets 36-45; ground truth = the largest
    connected component of each label, as SOURCE.md advises), with the whole image shrunk to 256 px (zoom off) and
@@ -16,7 +17,7 @@ Three figures, on this machine's CPU:
    on training images (sets 1-35) only.
 
 Usage: python benchmarks/bench_annotation.py [--parts embed latency iou] [--cells-per-image 8] [--latency-prompts 60]
-       [--threads 1] [--seed 0] [--json FILE] [--out FILE]
+       [--threads 1] [--latency-threads 1 2] [--no-compare] [--seed 0] [--json FILE] [--out FILE]
 """
 
 from __future__ import annotations
@@ -75,30 +76,64 @@ def percentiles(ms: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)), "n": len(a)}
 
 
-def latency(seg, prompts, preview: np.ndarray) -> tuple[list[float], list[float]]:
-    """Wall and CPU milliseconds from a prompt change to the object painted in the preview plane (cached embeddings)."""
+def latency(seg, prompts, preview: np.ndarray, fast_flags=(True,)) -> dict:
+    """Wall and CPU milliseconds from a prompt change to the object painted in the preview plane (cached embeddings).
+
+    For each prompt, each decoder in ``fast_flags`` (True: the plugin's FastMaskDecoder, False: segment-anything's
+    MaskDecoder) answers in turn, so both face the same load on a shared machine. ``decode_ms`` is the part spent in
+    ``Predictor.decode`` (prompt encoding + mask decoder); the rest is window lookup, upsampling to the window,
+    thresholding, cropping and painting.
+    """
     from napari_cellseg.core.interactive import objects_to_labels
 
-    wall, cpu = [], []
+    pred = seg.predictor
+    inner = pred.decode
+    spent = []
+
+    def timed_decode(*a, **k):
+        t = time.perf_counter()
+        try:
+            return inner(*a, **k)
+        finally:
+            spent.append((time.perf_counter() - t) * 1000)
+
+    out = {f: {"wall": [], "cpu": [], "decode": []} for f in fast_flags}
     painted = None
-    for p in prompts:
-        t, c = time.perf_counter(), time.process_time()
-        objs = seg.segment_many([p])
-        if painted is not None:  # clear the previous object, paint the new one (what the widget does)
-            r0, c0, r1, c1 = painted
-            preview[r0:r1, c0:c1] = 0
-        objects_to_labels(objs, preview.shape, out=preview)
-        painted = objs[0].bbox
-        wall.append((time.perf_counter() - t) * 1000)
-        cpu.append((time.process_time() - c) * 1000)
-    return wall, cpu
+    pred.decode = timed_decode
+    try:
+        for p in prompts:
+            for f in fast_flags:
+                pred.use_fast_decoder = f
+                spent.clear()
+                t, c = time.perf_counter(), time.process_time()
+                objs = seg.segment_many([p])
+                if painted is not None:  # clear the previous object, paint the new one (what the widget does)
+                    r0, c0, r1, c1 = painted
+                    preview[r0:r1, c0:c1] = 0
+                objects_to_labels(objs, preview.shape, out=preview)
+                painted = objs[0].bbox
+                out[f]["wall"].append((time.perf_counter() - t) * 1000)
+                out[f]["cpu"].append((time.process_time() - c) * 1000)
+                out[f]["decode"].append(sum(spent))
+    finally:
+        pred.decode = inner
+        pred.use_fast_decoder = True
+    return out
 
 
-def latency_stats(seg, prompts, preview) -> dict:
-    latency(seg, prompts[:3], preview)  # warm-up
-    wall, cpu = latency(seg, prompts, preview)
-    out = percentiles(wall)
-    out["cpu_p50_ms"] = float(np.percentile(cpu, 50))
+def latency_stats(seg, prompts, preview, compare: bool = True) -> dict:
+    """p50/p95 of the fast decoder's path, and (``compare``) segment-anything's decoder measured alongside."""
+    flags = (True, False) if compare else (True,)
+    latency(seg, prompts[:3], preview, flags)  # warm-up
+    runs = latency(seg, prompts, preview, flags)
+    out = percentiles(runs[True]["wall"])
+    out["cpu_p50_ms"] = float(np.percentile(runs[True]["cpu"], 50))
+    out["decode_p50_ms"] = float(np.percentile(runs[True]["decode"], 50))
+    if compare:
+        ref = runs[False]
+        out["sam_decoder"] = {**percentiles(ref["wall"]), "cpu_p50_ms": float(np.percentile(ref["cpu"], 50)),
+                              "decode_p50_ms": float(np.percentile(ref["decode"], 50))}
+        out["speedup_p50"] = out["sam_decoder"]["p50_ms"] / out["p50_ms"]
     return out
 
 
@@ -113,6 +148,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 by default: on a machine shared with other jobs, more threads than "
                              "free cores makes every figure several times slower)")
+    parser.add_argument("--latency-threads", type=int, nargs="+", default=[1, 2],
+                        help="torch thread counts the latency is measured with (each in the same run)")
+    parser.add_argument("--no-compare", action="store_true",
+                        help="skip segment-anything's own decoder in the latency figures")
     parser.add_argument("--tuned-threshold", type=float, default=-2.0,
                         help="second mask threshold reported (chosen on training sets 1-35)")
     parser.add_argument("--json", default=None, help="write the figures as JSON here")
@@ -181,12 +220,18 @@ def main() -> None:
             if seg is not None:
                 seg.set_image(image0)
                 list(seg.precompute()) if seg is not zoom else list(seg.prepare(prompts0))
-        lat["litemedsam_zoom"] = latency_stats(zoom, prompts0, preview)
-        lat["litemedsam_whole_image"] = latency_stats(whole, prompts0, preview)
-        if vseg is not None:
-            lat["vit_b_whole_image"] = latency_stats(vseg, prompts0, preview)
+        for threads in args.latency_threads:
+            torch.set_num_threads(threads)
+            sfx = "" if threads == args.latency_threads[0] else f"_{threads}threads"
+            lat["litemedsam_zoom" + sfx] = latency_stats(zoom, prompts0, preview, not args.no_compare)
+            lat["litemedsam_whole_image" + sfx] = latency_stats(whole, prompts0, preview, not args.no_compare)
+            if vseg is not None:
+                lat["vit_b_whole_image" + sfx] = latency_stats(vseg, prompts0, preview, not args.no_compare)
+            print(f"latency ({threads} threads):", json.dumps({k: v for k, v in lat.items() if k.endswith(sfx)}),
+                  flush=True)
+        torch.set_num_threads(args.threads)
+        lat["threads"] = list(args.latency_threads)
         results["latency"] = lat
-        print("latency:", json.dumps(lat), flush=True)
 
     # -- 3. box-prompt IoU ------------------------------------------------------------------------
     if "iou" in args.parts:
@@ -250,12 +295,19 @@ def main() -> None:
                      f"{e['litemedsam_whole_image_s']:.2f} | {e.get('vit_b_whole_image_s', float('nan')):.1f} |")
     if "latency" in results:
         la = results["latency"]
-        row = "| prompt -> preview p50 / p95 wall (ms) |"
-        cpu = "| prompt -> preview p50 CPU time (ms) |"
-        for k in ("litemedsam_zoom", "litemedsam_whole_image", "vit_b_whole_image"):
-            row += f" {la[k]['p50_ms']:.0f} / {la[k]['p95_ms']:.0f} |" if k in la else " - |"
-            cpu += f" {la[k]['cpu_p50_ms']:.0f} |" if k in la else " - |"
-        lines += [row, cpu]
+        for threads in la["threads"]:
+            sfx = "" if threads == la["threads"][0] else f"_{threads}threads"
+            keys = [k + sfx for k in ("litemedsam_zoom", "litemedsam_whole_image", "vit_b_whole_image")]
+            rows = {f"| prompt -> preview p50 / p95 wall (ms), {threads} thread(s) |": lambda d: f"{d['p50_ms']:.0f} / "
+                    f"{d['p95_ms']:.0f}",
+                    f"| prompt -> preview p50 CPU time (ms), {threads} thread(s) |": lambda d: f"{d['cpu_p50_ms']:.0f}",
+                    f"| of which mask decoder p50 (ms), {threads} thread(s) |": lambda d: f"{d['decode_p50_ms']:.0f}"}
+            if not args.no_compare:
+                rows[f"| same with segment-anything's decoder, p50 / p95 wall (ms), {threads} thread(s) |"] = (
+                    lambda d: f"{d['sam_decoder']['p50_ms']:.0f} / {d['sam_decoder']['p95_ms']:.0f}")
+                rows[f"| speed-up of the p50, same run, {threads} thread(s) |"] = lambda d: f"{d['speedup_p50']:.1f}x"
+            for head, fmt in rows.items():
+                lines.append(head + "".join(f" {fmt(la[k])} |" if k in la else " - |" for k in keys))
     if "iou" in results:
         q = results["iou"]
         tuned = f"{args.tuned_threshold:g}"
