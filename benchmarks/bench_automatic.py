@@ -161,20 +161,31 @@ def stock_distance_map(image, model, crop: int = 256, overlap: int = 32):
 
 
 def part_grid(args) -> dict:
+    import torch
+
     from napari_cellseg.core import automatic as auto
     from napari_cellseg.core.models import load_model
-
     from napari_cellseg.core.predictor import Predictor
 
     image, gt = _read(BENCH_IMAGE)
     model = load_model("litemedsam", device="cpu")
     image01, _ = auto.prepare_image(image)
+    Predictor(model).embed(image01)  # warm-up: first-call allocations are not the method's cost
     _, embed = _timed(Predictor(model).embed, image01)
     cfg = auto.GridConfig(points_per_side=args.grid_points)
+    cpu0 = time.process_time()
     result, ours = _timed(auto.segment, image, model, "grid", cfg)
+    ours_cpu = time.process_time() - cpu0
     rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # no slider below the run's probability: masks drawn only for answers above 0.8
+    high, ours_high = _timed(auto.segment, image, model, "grid", cfg.updated(probability_floor=cfg.probability))
     prompts = args.grid_points ** 2
-    masks, stock = _timed(stock_grid, image, model, args.grid_points)
+    stock_points = args.stock_points or args.grid_points
+    cpu0 = time.process_time()
+    masks, stock = _timed(stock_grid, image, model, stock_points)
+    stock_cpu = time.process_time() - cpu0
+    stock_per_prompt = (stock - embed) / stock_points ** 2
+    stock_same_grid = embed + stock_per_prompt * prompts  # measured when stock_points == grid_points
     # slider moves: default thresholds, relaxed ones (more masks), back (cached)
     moves = [dict(probability=0.5, stability=0.3), dict(probability=0.6, stability=0.5),
              dict(probability=0.8, stability=0.6), dict(probability=0.5, stability=0.3, nms_iou=0.3),
@@ -182,13 +193,71 @@ def part_grid(args) -> dict:
     first = _relabel_ms(result, moves)
     again = _relabel_ms(result, moves)
     labels_default = result.relabel(probability=0.8, stability=0.6, nms_iou=0.05)
+    labels_relaxed = result.relabel(probability=0.5, stability=0.3, nms_iou=0.05)
     return dict(
-        image=f"{BENCH_IMAGE} {image.shape[0]} x {image.shape[1]}", prompts=prompts, ours_s=ours, stock_s=stock,
-        ratio=ours / stock, embed_s=embed, rss_after_ours_mb=rss_ours,
-        ours_per_prompt_ms=1000 * (ours - embed) / prompts, stock_per_prompt_ms=1000 * (stock - embed) / prompts,
-        ours_cells=int(labels_default.max()), stock_masks=len(masks), candidates=len(result.candidates),
-        relabel_first_ms=first, relabel_cached_ms=again,
+        image=f"{BENCH_IMAGE} {image.shape[0]} x {image.shape[1]}", prompts=prompts, stock_prompts=stock_points ** 2,
+        threads=torch.get_num_threads(), ours_s=ours, ours_cpu_s=ours_cpu, ours_floor08_s=ours_high,
+        stock_s=stock, stock_cpu_s=stock_cpu, stock_same_grid_s=stock_same_grid, ratio=ours / stock_same_grid,
+        ratio_floor08=ours_high / stock_same_grid, embed_s=embed, rss_after_ours_mb=rss_ours,
+        ours_per_prompt_ms=1000 * (ours - embed) / prompts, stock_per_prompt_ms=1000 * stock_per_prompt,
+        ours_cells=int(labels_default.max()), ours_cells_relaxed=int(labels_relaxed.max()), stock_masks=len(masks),
+        candidates=len(result.candidates), candidates_floor08=len(high.candidates),
+        best_probability=result.candidates.best_score, relabel_first_ms=first, relabel_cached_ms=again,
     )
+
+
+def part_decoder(args) -> dict:
+    """Per-prompt CPU time of SAM's decoder as written against the batch prompt decoder, same process.
+
+    LiteMedSAM, the real embedding of the benchmark image, the 32 x 32 grid's first prompts; process CPU time
+    (less sensitive than wall time to other jobs on the machine).
+    """
+    import torch
+
+    from napari_cellseg.core import automatic as auto
+    from napari_cellseg.core.models import load_model
+    from napari_cellseg.core.predictor import Predictor
+    from napari_cellseg.core.prompt_decoder import BatchPromptDecoder
+
+    image, _ = _read(BENCH_IMAGE)
+    model = load_model("litemedsam", device="cpu")
+    sam = model.sam
+    image01, _ = auto.prepare_image(image)
+    emb = Predictor(model).embed(image01)
+    grid = auto._point_grid((slice(0, image.shape[0]), slice(0, image.shape[1])), 32)
+    xy = emb.transform.rc_to_model_xy(grid[:: max(1, len(grid) // args.decoder_prompts)][: args.decoder_prompts])
+    n = len(xy)
+    pe = sam.prompt_encoder.get_dense_pe()
+
+    def cpu_ms(fn, batch, rep=2):
+        with torch.inference_mode():
+            fn(0, batch)  # warm-up
+            t = time.process_time()
+            for _ in range(rep):
+                for s in range(0, n, batch):
+                    fn(s, batch)
+        return 1000 * (time.process_time() - t) / rep / n
+
+    def prompts(s, batch):
+        pts = torch.as_tensor(xy[s : s + batch][:, None], dtype=torch.float32)
+        return sam.prompt_encoder(points=(pts, torch.ones(len(pts), 1, dtype=torch.int64)), boxes=None, masks=None)
+
+    def stock(s, batch):
+        sparse, dense = prompts(s, batch)
+        sam.mask_decoder(emb.features, pe, sparse, dense, False)
+
+    def ours(floor):
+        def run(s, batch):
+            sparse, dense = prompts(s, batch)
+            BatchPromptDecoder(sam, emb.features, dense)(sparse, min_score=floor)
+        return run
+
+    out = dict(prompts=n, threads=torch.get_num_threads())
+    out["stock_ms"] = {b: cpu_ms(stock, b) for b in (4, 16, 64)}
+    out["ours_all_drawn_ms"] = cpu_ms(ours(None), 4)
+    out["ours_none_drawn_ms"] = cpu_ms(ours(1e9), 4)
+    out["ours_floor05_ms"] = cpu_ms(ours(0.5), 4)
+    return out
 
 
 def part_distance(args) -> dict:
@@ -260,7 +329,8 @@ def part_ap(args) -> dict:
                 counts=totals, per_image=per_image, seconds=time.perf_counter() - t0)
 
 
-PARTS = {"grid": part_grid, "distance": part_distance, "vit_b": part_vit_b, "ap": part_ap}
+PARTS = {"grid": part_grid, "decoder": part_decoder, "distance": part_distance, "vit_b": part_vit_b,
+         "ap": part_ap}
 
 
 # ---------------------------------------------------------------------------
@@ -269,6 +339,10 @@ PARTS = {"grid": part_grid, "distance": part_distance, "vit_b": part_vit_b, "ap"
 
 
 def _child(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = PARTS[args.child](args)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out))
@@ -292,16 +366,36 @@ def render(results: dict, command: str) -> str:
     ]
     g = results.get("grid")
     if g:
+        grid = int(round(g["prompts"] ** 0.5))
+        stock_grid_side = int(round(g["stock_prompts"] ** 0.5))
+        if stock_grid_side == grid:
+            stock_text = f"{g['stock_s']:.1f} s ({g['stock_per_prompt_ms']:.0f} ms/prompt)"
+        else:
+            stock_text = (f"{g['stock_same_grid_s']:.0f} s (extrapolated from {g['stock_s']:.1f} s for a "
+                          f"{stock_grid_side}^2 grid: {g['stock_per_prompt_ms']:.0f} ms/prompt)")
         lines.append(
-            f"| grid mode, LiteMedSAM, {g['image']}, {g['prompts']} prompts ({int(round(g['prompts'] ** 0.5))}^2 grid) "
-            f"| {g['ours_s']:.1f} s ({g['ours_per_prompt_ms']:.0f} ms/prompt after a {g['embed_s']:.1f} s "
-            f"embedding) | {g['stock_s']:.1f} s ({g['stock_per_prompt_ms']:.0f} ms/prompt), SamAutomaticMaskGenerator "
-            f"| {g['ratio']:.2f} | {g['rss_after_ours_mb']:.0f} MB (ours), {g['peak_rss_mb']:.0f} MB (with stock) |")
-        ours32 = g["embed_s"] + g["ours_per_prompt_ms"] / 1000 * 1024
-        stock32 = g["embed_s"] + g["stock_per_prompt_ms"] / 1000 * 1024
+            f"| grid mode, LiteMedSAM, {g['image']}, {grid}^2 grid ({g['prompts']} prompts), probability floor 0.5 "
+            f"({g['candidates']} masks drawn) | {g['ours_s']:.1f} s ({g['ours_per_prompt_ms']:.1f} ms/prompt after a "
+            f"{g['embed_s']:.1f} s embedding; {g['ours_cpu_s']:.1f} s CPU) | {stock_text}, SamAutomaticMaskGenerator "
+            f"| {g['ratio']:.3f} | {g['rss_after_ours_mb']:.0f} MB (ours), {g['peak_rss_mb']:.0f} MB (with stock) |")
         lines.append(
-            f"| grid mode, 32^2 grid (1,024 prompts), extrapolated from the row above | {ours32:.0f} s | "
-            f"{stock32:.0f} s | {ours32 / stock32:.2f} | |")
+            f"| the same, floor 0.8 (slider not below 0.8; {g['candidates_floor08']} masks drawn) "
+            f"| {g['ours_floor08_s']:.1f} s | | {g['ratio_floor08']:.3f} | |")
+        if stock_grid_side == grid:
+            lines.append(
+                f"| the first row in CPU time of the process (less sensitive to other jobs) | {g['ours_cpu_s']:.1f} s "
+                f"| {g['stock_cpu_s']:.1f} s | {g['ours_cpu_s'] / g['stock_cpu_s']:.3f} | |")
+    dd = results.get("decoder")
+    if dd:
+        best_stock = min(dd["stock_ms"].values())
+        batches = ", ".join(f"{v:.0f} (batch {k})" for k, v in dd["stock_ms"].items())
+        lines.append(
+            f"| mask decoder alone, LiteMedSAM, {dd['prompts']} grid prompts on the real embedding, CPU ms per prompt "
+            f"(process time), batch prompt decoder at batch 4: no mask drawn / floor 0.5 / every mask drawn "
+            f"| {dd['ours_none_drawn_ms']:.1f} / {dd['ours_floor05_ms']:.1f} / {dd['ours_all_drawn_ms']:.1f} "
+            f"| {batches} (`sam.mask_decoder`) | {dd['ours_none_drawn_ms'] / best_stock:.2f} / "
+            f"{dd['ours_floor05_ms'] / best_stock:.2f} / {dd['ours_all_drawn_ms'] / best_stock:.2f} "
+            f"| {dd['peak_rss_mb']:.0f} MB |")
     d = results.get("distance")
     if d:
         stock = f"{d['stock_s']:.1f} s" if "stock_s" in d else "not run"
@@ -355,8 +449,12 @@ def write_doc(table: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
-    parser.add_argument("--grid-points", type=int, default=8, help="grid side for the grid-mode timing (8)")
-    parser.add_argument("--ap-points", type=int, default=8, help="grid side for the AP run (8)")
+    parser.add_argument("--grid-points", type=int, default=32, help="grid side for the grid-mode timing (32)")
+    parser.add_argument("--stock-points", type=int, default=None,
+                        help="grid side of the stock run (default: --grid-points; smaller is extrapolated)")
+    parser.add_argument("--ap-points", type=int, default=32, help="grid side for the AP run (32)")
+    parser.add_argument("--decoder-prompts", type=int, default=64, help="prompts of the decoder part (64)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in every part (default: torch's)")
     parser.add_argument("--ap-images", type=int, default=len(VALIDATION), help="validation images to use")
     parser.add_argument("--batch", type=int, default=None,
                         help="crops per encoder call in distance mode (default: the mode's, 1 on a CPU)")
@@ -374,7 +472,7 @@ def main(argv=None) -> int:
         return 2
     import torch
 
-    results = {"threads": torch.get_num_threads()}
+    results = {"threads": args.threads or torch.get_num_threads()}
     earlier = json.loads(Path(args.merge).read_text()) if args.merge else {}
     given = list(argv if argv is not None else sys.argv[1:])
     base = [sys.executable, __file__]

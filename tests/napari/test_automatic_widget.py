@@ -196,8 +196,10 @@ def test_stack_current_plane_and_all_planes_on_copies(setup, qtbot, monkeypatch)
 def test_model_entry_follows_the_session(setup):
     from napari_cellseg._napari.session import session_for
 
+    from napari_cellseg.core.models import DEFAULT_MODEL
+
     viewer, widget = setup
-    assert widget.model_combo.itemText(0) == "session: litemedsam"
+    assert widget.model_combo.itemText(0) == f"session: {DEFAULT_MODEL}"
     session_for(viewer).select("vit_b")
     assert widget.model_combo.itemText(0) == "session: vit_b"
 

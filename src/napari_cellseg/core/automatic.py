@@ -22,7 +22,11 @@ Distance mode (SAMCell, Anderson et al. 2025)
 
 Grid mode (CellSeg1, Zhou et al. 2025; SAM's automatic mask generator)
     A ``points_per_side x points_per_side`` grid of single-point prompts
-    (32 x 32) is decoded in batches of 16. Each answer is a candidate cell; the
+    (32 x 32) is decoded in batches of 4 by
+    :class:`~napari_cellseg.core.prompt_decoder.BatchPromptDecoder`, which
+    shares the image-side work between prompts and draws a mask only for
+    answers above the probability floor (0.5, or the probability threshold if
+    lower). Each drawn answer is a candidate cell; the
     decoder's IoU head is read as its cell probability (keep > 0.8), its
     stability score (offset 0.8) must exceed 0.6, masks over 10% of the image
     are dropped, duplicates are removed by two-stage NMS (box overlap, then

@@ -165,15 +165,15 @@ class _CrossAttention:
         q = self._heads(q_tok, self.wq2, self.bq)
         # the query in the image's channel space, one column per (token, head); b_k shifts every score
         # of a row equally, which a softmax ignores
-        q_img = torch.einsum("bthd,hdc->bcth", q, self.wk).reshape(b, c, t * h) * self.scale
+        q_img = torch.einsum("bthd,hdc->bthc", q, self.wk).reshape(b, t * h, c) * self.scale
+        # scores (B, T*H, N): the (B, N, C) operand enters transposed, which BLAS reads without a copy
         if k_shared is None:
-            scores = torch.bmm(k_img, q_img)
+            scores = torch.bmm(q_img, k_img.transpose(1, 2))
         else:
-            n = k_shared.shape[0]
-            shared = (k_shared @ q_img.transpose(0, 1).reshape(c, b * t * h)).reshape(n, b, t * h)
-            scores = torch.baddbmm(shared.transpose(0, 1), k_img, q_img)
-        a = torch.softmax(scores, dim=1)  # (B, N, T*H), softmax over the image tokens
-        ax = torch.bmm(a.transpose(1, 2), v_img).reshape(b, t, h, c)  # attention-weighted image tokens
+            shared = (q_img.reshape(b * t * h, c) @ k_shared.T).reshape(b, t * h, -1)
+            scores = torch.baddbmm(shared, q_img, k_img.transpose(1, 2))
+        a = torch.softmax(scores, dim=-1)  # over the image tokens
+        ax = torch.bmm(a, v_img).reshape(b, t, h, c)  # attention-weighted image tokens
         out = torch.einsum("bthc,hdc->bthd", ax, self.wv) + self.bv.reshape(h, self.d)
         return out.reshape(b, t, h * self.d) @ self.wo2.T + self.bo
 
@@ -200,12 +200,12 @@ class _CrossAttention:
         return k, v_out
 
     def _residual_mix(self, residual, scores, v_out):
-        """``residual + attn`` from scores ``(B, N, T, H)``: softmax over the tokens, one fused product."""
+        """``residual + attn`` from scores ``(B, T, H, N)``: softmax over the tokens, one fused product."""
         import torch
 
-        b, n, t, h = scores.shape
-        a = torch.softmax(scores, dim=2).reshape(b, n, t * h)
-        return torch.baddbmm(residual, a, v_out)
+        b, t, h, n = scores.shape
+        a = torch.softmax(scores, dim=1).reshape(b, t * h, n)
+        return torch.baddbmm(residual, a.transpose(1, 2), v_out)
 
     def image_to_tokens(self, residual, q_img, k_tok, v_tok):
         """``residual + attn(q=q_img, k=k_tok, v=v_tok)`` for per-prompt image tokens ``(B, N, C)``."""
@@ -217,9 +217,9 @@ class _CrossAttention:
         k, v_out = self._token_side(k_tok, v_tok)
         # the keys in the image's channel space, one column per (token, head); the query bias adds one
         # score per column
-        k_img = torch.einsum("hdc,bthd->bcth", self.wq, k).reshape(b, c, t * h) * self.scale
-        bias = torch.einsum("hd,bthd->bth", self.bq.reshape(h, self.d), k).reshape(b, 1, t * h) * self.scale
-        scores = torch.baddbmm(bias, q_img, k_img).reshape(b, n, t, h)
+        k_img = torch.einsum("hdc,bthd->bthc", self.wq, k).reshape(b, t * h, c) * self.scale
+        bias = torch.einsum("hd,bthd->bth", self.bq.reshape(h, self.d), k).reshape(b, t * h, 1) * self.scale
+        scores = torch.baddbmm(bias, k_img, q_img.transpose(1, 2)).reshape(b, t, h, n)
         return self._residual_mix(residual, scores, v_out)
 
     def shared_image_to_tokens(self, residual, q_shared, k_tok, v_tok):
@@ -229,9 +229,9 @@ class _CrossAttention:
         k, v_out = self._token_side(k_tok, v_tok)
         b, t, h, d = k.shape
         n = q_shared.shape[1]
-        k_cols = (k * self.scale).permute(2, 3, 0, 1).reshape(h, d, b * t)
-        scores = torch.bmm(q_shared, k_cols).reshape(h, n, b, t).permute(2, 1, 3, 0)  # (B, N, T, H)
-        return self._residual_mix(residual, scores, v_out)
+        k_rows = (k * self.scale).permute(2, 0, 1, 3).reshape(h, b * t, d)
+        scores = torch.bmm(k_rows, q_shared.transpose(1, 2)).reshape(h, b, t, n).permute(1, 2, 0, 3)
+        return self._residual_mix(residual, scores.contiguous(), v_out)  # scores (B, T, H, N)
 
 
 class BatchPromptDecoder:
