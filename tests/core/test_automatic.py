@@ -207,6 +207,29 @@ def test_model_thresholds_are_the_defaults():
     assert auto.make_config("guided", m, crop_size=192).distance.crop_size == 192
 
 
+def test_model_smoothing_default_and_noisy_map_smoothing(monkeypatch):
+    m = auto.as_distance_model(random_model("vit_test"), {"peak": 0.5, "fill": 0.2, "smooth": 2.0})
+    assert auto.make_config("distance", m).smooth == 2.0
+    assert auto.make_config("guided", m, smooth=0.0).distance.smooth == 0.0
+    with pytest.raises(ValueError, match="smooth must be"):
+        auto.DistanceConfig(smooth=-1).validate()
+    # two true cells whose map carries pixel noise: unsmoothed, the noise seeds extra cells; smoothed, it does not
+    yy, xx = np.mgrid[:96, :96]
+    clean = np.zeros((96, 96), np.float32)
+    for cy, cx in ((30, 30), (60, 66)):
+        clean = np.maximum(clean, np.clip(1 - np.hypot(yy - cy, xx - cx) / 14, 0, 1))
+    noisy = np.clip(clean + np.random.default_rng(0).normal(0, 0.15, clean.shape), 0, 1).astype(np.float32)
+    monkeypatch.setattr(auto, "crop_distance_maps", lambda model, crops: [noisy[: c.shape[0], : c.shape[1]]
+                                                                            for c in crops])
+    image = np.random.default_rng(1).random((96, 96)).astype(np.float32)
+    cfg = dict(peak=0.5, fill=0.2, crop_size=96, overlap=0, clahe=False)
+    raw = auto.segment(image, m, mode="distance", config=auto.DistanceConfig(**cfg, smooth=0.0))
+    smooth = auto.segment(image, m, mode="distance", config=auto.DistanceConfig(**cfg, smooth=2.0))
+    assert raw.n_cells > 2
+    assert smooth.n_cells == 2
+    assert smooth.labels[30, 30] != smooth.labels[60, 66] and smooth.labels[30, 30] and smooth.labels[60, 66]
+
+
 # ---------------------------------------------------------------------------
 # grid mode
 # ---------------------------------------------------------------------------

@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dist.add_argument("--min-size", type=int, default=None,
                       help="remove cells smaller than this many pixels (distance: 0, guided: 20)")
     dist.add_argument("--fill-holes", action="store_true", default=None, help="fill holes inside cells")
+    dist.add_argument("--smooth", type=float, default=None,
+                      help="Gaussian sigma (pixels) applied to the distance map before the watershed (0, or the "
+                           "model's own)")
     grid = parser.add_argument_group("grid mode (CellSeg1 defaults)")
     grid.add_argument("--points-per-side", type=int, default=None, help="point grid per crop (32)")
     grid.add_argument("--probability", type=float, default=None,
@@ -58,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace, mode: str) -> dict:
     """Only the thresholds the user gave, mapped to the mode's configuration names."""
     given = {
-        "peak": args.peak, "fill": args.fill, "fill_holes": args.fill_holes,
+        "peak": args.peak, "fill": args.fill, "fill_holes": args.fill_holes, "smooth": args.smooth,
         "points_per_side": args.points_per_side, "probability": args.probability, "stability": args.stability,
         "stability_offset": args.stability_offset, "nms_iou": args.nms_iou,
         "max_area_fraction": args.max_area, "min_area": args.min_area, "multimask": args.multimask,

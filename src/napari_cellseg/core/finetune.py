@@ -132,6 +132,8 @@ HUGE_TILE = 2048
 HUGE_OVERLAP = 256
 #: SAMCell's default thresholds of the distance-map watershed
 DEFAULT_DISTANCE_THRESHOLDS = {"peak": 0.47, "fill": 0.09}
+#: Gaussian smoothing (sigma in pixels) of the distance map tried by the threshold tuning (0: SAMCell's none)
+SMOOTHING_CHOICES = (0.0, 1.5, 3.0)
 ADAPTER_FORMAT = "napari-cellseg-adapter"
 ADAPTER_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -2035,7 +2037,7 @@ class Finetuner:
         return self._finished
 
     def _tune_thresholds(self, result: FinetuneResult, entries: list[dict], max_views: int = 24) -> None:
-        """Pick (peak, fill) with the best mean AP@0.5 on validation planes or cached training views."""
+        """Pick (peak, fill, smooth) with the best mean AP@0.5 on validation planes or cached training views."""
         torch = _torch()
         import torch.nn.functional as F
 
@@ -2068,28 +2070,34 @@ class Finetuner:
         if not samples:
             return
 
-        def mean_ap(peak: float, fill: float) -> float:
+        from scipy import ndimage as ndi
+
+        smoothed = {sigma: [ndi.gaussian_filter(d, sigma) if sigma else d for d, _, _ in samples]
+                    for sigma in SMOOTHING_CHOICES}
+
+        def mean_ap(peak: float, fill: float, sigma: float = 0.0) -> float:
             aps = []
-            for dmap, labels, known in samples:
+            for dmap, (_, labels, known) in zip(smoothed[sigma], samples):
                 pred = labels_from_distance_map(dmap, peak, fill) * known
                 aps.append(_ap(labels * known, pred, (0.5,))[0])
             return float(np.mean(aps))
 
-        default = dict(DEFAULT_DISTANCE_THRESHOLDS)
-        scores = {(default["peak"], default["fill"]): mean_ap(default["peak"], default["fill"])}
-        for peak in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
-            for fill in (0.05, 0.09, 0.15, 0.25):
-                if fill < peak and (peak, fill) not in scores:
-                    scores[(peak, fill)] = mean_ap(peak, fill)
-        best = max(scores, key=lambda k: (scores[k], k == (default["peak"], default["fill"])))
+        default = (DEFAULT_DISTANCE_THRESHOLDS["peak"], DEFAULT_DISTANCE_THRESHOLDS["fill"], 0.0)
+        scores = {default: mean_ap(*default)}
+        for sigma in SMOOTHING_CHOICES:
+            for peak in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
+                for fill in (0.05, 0.09, 0.15, 0.25):
+                    if fill < peak and (peak, fill, sigma) not in scores:
+                        scores[(peak, fill, sigma)] = mean_ap(peak, fill, sigma)
+        best = max(scores, key=lambda k: (scores[k], k == default))
         # keep SAMCell's thresholds unless others are clearly better
-        if scores[best] <= scores[(default["peak"], default["fill"])] + 0.01:
-            best = (default["peak"], default["fill"])
-        tuned = {"peak": float(best[0]), "fill": float(best[1])}
+        if scores[best] <= scores[default] + 0.01:
+            best = default
+        tuned = {"peak": float(best[0]), "fill": float(best[1]), "smooth": float(best[2])}
         result.meta["thresholds"] = tuned
         result.meta["metrics"]["thresholds_tuned_on"] = source
         result.meta["metrics"]["tuning_ap50"] = round(scores[best], 4)
-        result.meta["metrics"]["tuning_ap50_samcell_thresholds"] = round(scores[(default["peak"], default["fill"])], 4)
+        result.meta["metrics"]["tuning_ap50_samcell_thresholds"] = round(scores[default], 4)
         result.model.meta["thresholds"] = tuned
 
     def _evaluate(self, window_losses: list[float], epoch: int, elapsed: float) -> dict:
