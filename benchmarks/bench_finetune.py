@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "usiigaci-phase-train"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+from datasets import clean_labels  # noqa: E402  (largest piece of each label, SOURCE.md's caveat)
 
 
 def parse_sets(text: str) -> list[int]:
@@ -62,23 +64,6 @@ def read_pair(data: Path, k: int) -> tuple[np.ndarray, np.ndarray]:
 
     return (tifffile.imread(data / "images" / f"train_set{k}.tif"),
             tifffile.imread(data / "masks" / f"train_set{k}.tif"))
-
-
-def clean_labels(labels: np.ndarray) -> np.ndarray:
-    """Keep the largest connected piece of each label (SOURCE.md: a few labels have stray pixels)."""
-    from scipy import ndimage as ndi
-
-    out = np.zeros_like(labels)
-    for idx, sl in enumerate(ndi.find_objects(labels), start=1):
-        if sl is None:
-            continue
-        mask = labels[sl] == idx
-        comp, n = ndi.label(mask)
-        if n > 1:
-            sizes = np.bincount(comp.ravel())[1:]
-            mask = comp == (np.argmax(sizes) + 1)
-        out[sl][mask] = idx
-    return out
 
 
 def innermost(labels: np.ndarray) -> list[tuple[int, int, int]]:

@@ -27,6 +27,7 @@ FULL = [
     ("Automatic modes: speed, slider updates, zero-shot AP", ["bench_automatic.py", "--no-doc"]),
     ("Interactive annotation: latency and box-prompt IoU", ["bench_annotation.py"]),
     ("Fine-tuning on one image: time and AP on held-out images", ["bench_finetune.py"]),
+    ("Default model against zero-shot LiteMedSAM on held-out data", ["bench_default_model.py"]),
 ]
 QUICK = [
     ("Embedding time per model", ["bench_embedding.py", "--archs", "litemedsam", "vit_b", "--repeat", "2"]),
@@ -36,6 +37,8 @@ QUICK = [
      ["bench_annotation.py", "--cells-per-image", "4", "--latency-prompts", "30", "--images", "5", "--skip-vit-b"]),
     ("Fine-tuning on one image: time and AP on held-out images",
      ["bench_finetune.py", "--minutes", "3", "--val-sets", "36,40,44"]),
+    ("Default model against zero-shot LiteMedSAM on held-out data",
+     ["bench_default_model.py", "--usiigaci", "36,40,44", "--dsb-per-kind", "4", "--cells-per-image", "8"]),
 ]
 
 
@@ -43,7 +46,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller samples and shorter training")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
-    parser.add_argument("--only", nargs="+", default=None, help="run only the benchmarks whose script names contain these")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="run only the benchmarks whose script names contain these; the other sections of an "
+                             "existing report are kept")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     if args.only:
@@ -55,21 +60,39 @@ def main() -> int:
         "Each section names its machine and the exact command; see docs/automatic.md, docs/annotation.md and "
         "docs/finetuning.md for what the figures mean.\n",
     ]
+    kept = _sections(args.out) if args.only and args.out.is_file() else {}
     failures = 0
+    done: dict[str, str] = {}
     for title, cmd in plan:
         t0 = time.perf_counter()
         print(f"running {' '.join(cmd)} …", flush=True)
         proc = subprocess.run([sys.executable, *cmd], cwd=HERE, capture_output=True, text=True)
         minutes = (time.perf_counter() - t0) / 60
-        parts.append(f"\n## {title}\n\n`cd benchmarks && python {' '.join(cmd)}` ({minutes:.1f} min)\n")
+        body = f"\n`cd benchmarks && python {' '.join(cmd)}` ({minutes:.1f} min)\n"
         if proc.returncode != 0:
             failures += 1
-            parts.append(f"\n**Failed** (exit {proc.returncode}):\n\n```\n{proc.stderr[-3000:]}\n```\n")
+            body += f"\n**Failed** (exit {proc.returncode}):\n\n```\n{proc.stderr[-3000:]}\n```\n"
         else:
-            parts.append("\n" + proc.stdout.strip() + "\n")
-        args.out.write_text("\n".join(parts))  # keep what is done if a later part is interrupted
+            # a benchmark's own headings go one level down, under the section's
+            out = "\n".join("#" + line if line.startswith("#") else line for line in proc.stdout.strip().splitlines())
+            body += "\n" + out + "\n"
+        done[title] = body
+        # keep what is done if a later part is interrupted; sections in the order of the full plan
+        order = [t for t, _ in FULL] + [t for t in kept if t not in dict(FULL)]
+        merged = {**kept, **done}
+        text = "\n".join(parts) + "".join(f"\n## {t}\n{merged[t]}" for t in order if t in merged)
+        args.out.write_text(text)
     print(f"wrote {args.out} ({failures} failed)")
     return 1 if failures else 0
+
+
+def _sections(path: Path) -> dict[str, str]:
+    """Sections (title -> body) of an existing report."""
+    out: dict[str, str] = {}
+    for chunk in path.read_text().split("\n## ")[1:]:
+        title, _, body = chunk.partition("\n")
+        out[title.strip()] = "\n" + body.rstrip() + "\n"
+    return out
 
 
 if __name__ == "__main__":

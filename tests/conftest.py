@@ -77,3 +77,16 @@ def isolated_models(tmp_path, monkeypatch):
     yield tmp_path / "cache"
     torch.set_num_threads(threads)
     models.clear_model_cache()
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A randomly initialised vit_test SAM saved as a plain state-dict checkpoint file."""
+    import torch
+
+    from napari_cellseg.core import models
+
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.pth"
+    torch.save(models.build_sam("vit_test").state_dict(), path)
+    return path

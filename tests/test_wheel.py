@@ -24,6 +24,12 @@ def test_wheel_ships_manifest_and_samples(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         assert zf.read("napari_cellseg/napari.yaml") == (REPO / "napari.yaml").read_bytes()
+        # the default model ships inside the wheel, byte-identical, within the 20 MB budget
+        shipped = REPO / "src" / "napari_cellseg" / "models" / "cellseg.safetensors"
+        info = zf.getinfo("napari_cellseg/models/cellseg.safetensors")
+        assert info.file_size == shipped.stat().st_size <= 20e6
+        assert zf.read("napari_cellseg/models/cellseg.safetensors") == shipped.read_bytes()
+        assert "napari_cellseg/models/cellseg.json" in names
         entry_points = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "napari-cellseg = napari_cellseg:napari.yaml" in entry_points
     assert "napari-cellseg = napari_cellseg.cli:main" in entry_points

@@ -5,10 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 from napari_cellseg.cli import main
-from napari_cellseg.core import models
 
 
 @pytest.fixture(autouse=True)
@@ -16,20 +14,14 @@ def _isolated(isolated_models):
     """Every test here gets an empty model folder (see conftest.isolated_models)."""
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "tiny.pth"
-    torch.save(models.build_sam("vit_test").state_dict(), path)
-    return path
-
 
 def test_models_lists_catalogue_and_offline_state(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    assert "*litemedsam" in out
-    line = next(x for x in out.splitlines() if x.startswith("*litemedsam"))
-    assert "offline" in line
+    assert "*litemedsam" in out  # the default model
+    for name in ("*litemedsam", " cellseg"):  # both work offline (cellseg ships in the package)
+        line = next(x for x in out.splitlines() if x.startswith(name))
+        assert "offline" in line, line
     assert "download" in next(x for x in out.splitlines() if x.startswith(" vit_h"))
 
 

