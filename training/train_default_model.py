@@ -68,7 +68,7 @@ def tune_distance_defaults(adapter_path: Path) -> dict:
     from scipy import ndimage as ndi
 
     from napari_cellseg.core import automatic as auto
-    from napari_cellseg.core.finetune import DEFAULT_DISTANCE_THRESHOLDS, SMOOTHING_CHOICES, load_adapter
+    from napari_cellseg.core.finetune import distance_default_candidates, load_adapter
     from napari_cellseg.core.metrics import average_precision
     from napari_cellseg.core.postprocess import labels_from_distance_map
 
@@ -92,13 +92,9 @@ def tune_distance_defaults(adapter_path: Path) -> dict:
             aps.append(average_precision(labels, labels_from_distance_map(d, peak, fill), (0.5,))[0].ap)
         return float(np.mean([np.mean([aps[i] for i in g]) for g in groups if g]))
 
-    default = (DEFAULT_DISTANCE_THRESHOLDS["peak"], DEFAULT_DISTANCE_THRESHOLDS["fill"], 0.0)
-    scores = {default: score(*default)}
-    for sigma in SMOOTHING_CHOICES:
-        for peak in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
-            for fill in (0.05, 0.09, 0.15, 0.25):
-                if fill < peak:
-                    scores[(peak, fill, sigma)] = score(peak, fill, sigma)
+    candidates = distance_default_candidates()
+    default = candidates[0]
+    scores = {c: score(*c) for c in candidates}
     best = max(scores, key=scores.get)
     js = adapter_path.with_suffix(".json")
     meta = json.loads(js.read_text())

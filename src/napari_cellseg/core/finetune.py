@@ -134,6 +134,14 @@ HUGE_OVERLAP = 256
 DEFAULT_DISTANCE_THRESHOLDS = {"peak": 0.47, "fill": 0.09}
 #: Gaussian smoothing (sigma in pixels) of the distance map tried by the threshold tuning (0: SAMCell's none)
 SMOOTHING_CHOICES = (0.0, 1.5, 3.0)
+
+
+def distance_default_candidates() -> list[tuple[float, float, float]]:
+    """(peak, fill, smooth) settings tried by the threshold tuning, SAMCell's unsmoothed 0.47 / 0.09 first."""
+    default = (DEFAULT_DISTANCE_THRESHOLDS["peak"], DEFAULT_DISTANCE_THRESHOLDS["fill"], 0.0)
+    grid = [(peak, fill, sigma) for sigma in SMOOTHING_CHOICES for peak in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+            for fill in (0.05, 0.09, 0.15, 0.25) if fill < peak]
+    return [default] + [c for c in grid if c != default]
 ADAPTER_FORMAT = "napari-cellseg-adapter"
 ADAPTER_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -2082,13 +2090,9 @@ class Finetuner:
                 aps.append(_ap(labels * known, pred, (0.5,))[0])
             return float(np.mean(aps))
 
-        default = (DEFAULT_DISTANCE_THRESHOLDS["peak"], DEFAULT_DISTANCE_THRESHOLDS["fill"], 0.0)
-        scores = {default: mean_ap(*default)}
-        for sigma in SMOOTHING_CHOICES:
-            for peak in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
-                for fill in (0.05, 0.09, 0.15, 0.25):
-                    if fill < peak and (peak, fill, sigma) not in scores:
-                        scores[(peak, fill, sigma)] = mean_ap(peak, fill, sigma)
+        candidates = distance_default_candidates()
+        default = candidates[0]
+        scores = {c: mean_ap(*c) for c in candidates}
         best = max(scores, key=lambda k: (scores[k], k == default))
         # keep SAMCell's thresholds unless others are clearly better
         if scores[best] <= scores[default] + 0.01:

@@ -45,8 +45,6 @@ CACHE_ENV = "NAPARI_CELLSEG_CACHE"
 #: the model of the widgets and the command line when none is named. The packaged ``cellseg``
 #: (docs/model_card.md) is not the default yet: its box prompts are worse than LiteMedSAM's
 DEFAULT_MODEL = "litemedsam"
-#: the base model the default model was trained from
-BASE_MODEL = "litemedsam"
 
 # ---------------------------------------------------------------------------
 # architectures
