@@ -342,6 +342,11 @@ def probe_with(trainer, entry, recipe, base):
                 p.zero_()
             elif ".lora_A." in n or n.endswith(("q_A", "v_A")):
                 continue
+            elif n.startswith("distance_refiner."):
+                if n.startswith("distance_refiner.out."):
+                    p.zero_()  # the refiner starts as the identity
+            elif n.startswith("distance_decoder."):
+                p.copy_(base.sam.state_dict()["mask_decoder." + n[len("distance_decoder."):]])
             else:
                 p.copy_(base.sam.state_dict()[ft._clean_name(n)])
     untrained = _probe_loss(trainer, entry, recipe)
@@ -443,7 +448,11 @@ def _decode_outputs(model):
     _, bscores, blow = p.decode(boxes_rc=np.array([[5, 5, 30, 40]], float))
     with torch.no_grad():
         dist = default_prompt_logits(model.sam, p.embedding.features).numpy()
-    return scores, low, bscores, blow, dist
+    from napari_cellseg.core.automatic import crop_distance_maps
+
+    crop = np.repeat(rng.random((model.input_size, model.input_size, 1)).astype(np.float32), 3, axis=-1)
+    refined = crop_distance_maps(model, [crop])[0]  # through the refiner when the model has one
+    return scores, low, bscores, blow, dist, refined
 
 
 @pytest.mark.parametrize("recipe, arch, encoder", [("prompt", "tinyvit_test", True), ("distance", "vit_test", False)])
@@ -651,11 +660,15 @@ def test_distance_recipe_trains_the_neck_from_cached_neck_inputs(tmp_path):
     result = run_to_completion(trainer.run())
     neck = sum(p.numel() for p in base.sam.image_encoder.neck.parameters())
     decoder = sum(p.numel() for p in base.sam.mask_decoder.parameters())
-    assert trainer.n_trainable() == neck + decoder
+    refiner = sum(p.numel() for p in trainer._sam.distance_refiner.parameters())
+    assert 30_000 < refiner < 150_000
+    assert trainer.n_trainable() == neck + decoder + refiner
     after = result.model.sam.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.startswith("image_encoder.neck.") for k in changed)
     assert all(k.startswith(("image_encoder.neck.", "mask_decoder.")) for k in changed)
+    assert any(k.startswith("distance_refiner.") for k in after) and not any(k.startswith("distance_refiner.")
+                                                                             for k in before)
     # the cache holds the neck's input, and the loaded adapter reproduces the trained model
     assert trainer._cache_neck_input
     ft.save_adapter(result, "neck")
@@ -703,6 +716,41 @@ def test_joint_recipe_learns_distance_and_prompts_in_one_model():
     assert any(k.startswith("prompt_encoder.point_embeddings") for k in trainer.full_names)
     sam = result.model.sam
     assert torch.equal(sam.mask_decoder.mask_tokens.weight[0], sam.mask_decoder.mask_tokens.weight[1])
+    # the distance map has its own decoder (and refiner), trained apart from the prompts' decoder
+    assert sam.distance_decoder is not sam.mask_decoder and sam.distance_refiner is not None
+    assert not torch.equal(sam.distance_decoder.output_upscaling[0].weight, sam.mask_decoder.output_upscaling[0].weight)
+    assert not torch.equal(sam.distance_decoder.output_upscaling[0].weight,
+                           base.sam.mask_decoder.output_upscaling[0].weight)
+
+
+def test_joint_adapter_with_distance_head_round_trips(tmp_path):
+    from napari_cellseg.core.automatic import crop_distance_maps
+    from napari_cellseg.core.predictor import default_prompt_logits
+
+    image, labels = _cells()
+    base = models.load_model(_checkpoint(tmp_path, "tinyvit_test"), device="cpu")
+    cfg = ft.FinetuneConfig(recipe="joint", epochs=3, minutes=None, views=2, lr=1e-2, amp=False, batch_size=1)
+    result = run_to_completion(ft.finetune(base, ft.make_training_data(image, labels), cfg))
+    names = {k.split(".full.", 1)[-1].split(".")[0] for k in result.tensors if ".full." in k}
+    assert {"distance_decoder", "distance_refiner", "mask_decoder"} <= names
+    ft.save_adapter(result, "joint-head")
+    loaded = models.load_model("joint-head", device="cpu")
+    for a, b in zip(_decode_outputs(result.model), _decode_outputs(loaded)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # the refiner changes the map: without it the same crop reads differently
+    crop = np.repeat(np.random.default_rng(3).random((64, 64, 1)).astype(np.float32), 3, axis=-1)
+    refined = crop_distance_maps(loaded, [crop])[0]
+    del loaded.sam.distance_refiner
+    plain = crop_distance_maps(loaded, [crop])[0]
+    assert np.abs(refined - plain).max() > 1e-4
+    # and the distance decoder, not the prompt decoder, answers the default prompt
+    grid = loaded.sam.prompt_encoder.image_embedding_size
+    feats = torch.randn(1, loaded.sam.mask_decoder.transformer_dim, *grid, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        own = default_prompt_logits(loaded.sam, feats)
+        del loaded.sam.distance_decoder
+        shared = default_prompt_logits(loaded.sam, feats)
+    assert not torch.allclose(own, shared)
 
 
 def test_joint_views_alternate_clahe_and_keys_differ():

@@ -502,7 +502,7 @@ def crop_distance_maps(model: LoadedModel, crops01: list[np.ndarray]) -> list[np
     import torch
     import torch.nn.functional as F
 
-    from .predictor import default_prompt_logits
+    from .predictor import distance_logits
 
     sam = model.sam
     size = model.input_size
@@ -514,7 +514,7 @@ def crop_distance_maps(model: LoadedModel, crops01: list[np.ndarray]) -> list[np
     x = torch.cat(tensors).to(model.device)
     with torch.inference_mode():
         features = sam.image_encoder(_encoder_input(sam, x))
-        logits = default_prompt_logits(sam, features).float()
+        logits = distance_logits(sam, features, x).float()
         h = logits.shape[-1]
         rows, cols = transform.resized_shape
         crop_shape = tuple(transform.original_shape)

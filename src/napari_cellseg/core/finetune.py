@@ -294,6 +294,22 @@ class FinetuneConfig:
         Joint recipe: weight of the distance-map MSE against the prompt loss
         (default 5: the MSE of a normalised distance map is about a tenth of
         the BCE + Dice of a mask).
+    refiner : bool or None
+        Distance and joint recipes: also train a small full-resolution head
+        (:mod:`napari_cellseg.core.distance_head`) that corrects the decoder's
+        distance map from the crop's pixels (default on for both). With the
+        encoder frozen the decoder alone draws blocky maps blind to the thin
+        borders between touching cells. Distance recipe on 12 Usiigaci
+        training images, 7 minutes, 3 held-out images: AP@0.5 at SAMCell's
+        thresholds 0.02 without, 0.12 with the refiner (0.16 and 0.18 at the
+        best thresholds of each), for 1.7x the time per step.
+    refiner_channels : int
+        Width of the refiner at full resolution (16: about 70 k numbers).
+    distance_decoder : bool
+        Joint recipe: the distance map gets its own copy of the mask decoder
+        (trained with the distance loss only), so it does not share the
+        output token and every decoder weight with the click and box masks.
+        The adapter grows by one decoder (4 M numbers for LiteMedSAM).
     tune_thresholds : bool
         Distance recipe: after training, choose the thresholds that give the
         best AP@0.5 on the validation planes (or, without them, on the cached
@@ -343,6 +359,9 @@ class FinetuneConfig:
     thresholds: dict | None = None
     tune_thresholds: bool = True
     distance_weight: float | None = None
+    refiner: bool | None = None
+    refiner_channels: int = 16
+    distance_decoder: bool = True
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -376,6 +395,8 @@ class FinetuneConfig:
             raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
         if self.views is not None and int(self.views) < 1:
             raise ValueError(f"views must be at least 1, got {self.views}")
+        if int(self.refiner_channels) < 1:
+            raise ValueError(f"refiner_channels must be at least 1, got {self.refiner_channels}")
         if self.thresholds is not None:
             self.thresholds = {"peak": float(self.thresholds["peak"]), "fill": float(self.thresholds["fill"])}
 
@@ -399,6 +420,7 @@ class FinetuneConfig:
             cache_fraction=0.2 if prompt else 0.35,
             thresholds=None if prompt else dict(DEFAULT_DISTANCE_THRESHOLDS),
             distance_weight=5.0 if self.recipe == "joint" else 1.0,
+            refiner=not prompt,
         )
         if self.recipe == "joint":
             # distance-style views and schedule; prompts learn with the Dice term; views
@@ -1161,7 +1183,8 @@ def apply_adapter(sam, tensors: dict[str, torch.Tensor]) -> None:
     """Merge adapter tensors into a plain SAM in place, stage by stage.
 
     Each stage first sets its fully trained tensors, then adds its LoRA
-    updates: ``W += B @ A`` for decoder layers, and the same on the q and v rows
+    updates (a distance refiner, :mod:`~napari_cellseg.core.distance_head`, is
+    created first when the tensors hold one): ``W += B @ A`` for decoder layers, and the same on the q and v rows
     of the encoder's fused qkv layers.
 
     Raises
@@ -1170,7 +1193,19 @@ def apply_adapter(sam, tensors: dict[str, torch.Tensor]) -> None:
         When a tensor names a layer the model does not have or has the wrong shape.
     """
     torch = _torch()
+    from .distance_head import REFINER_ATTR, attach_refiner, get_refiner, refiner_channels_from_tensors
+
     stages = sorted({int(k.split(".", 1)[0][1:]) for k in tensors})
+    channels = refiner_channels_from_tensors({k: tuple(v.shape) for k, v in tensors.items()})
+    if any(".full.distance_decoder." in k for k in tensors):
+        from .distance_head import attach_distance_decoder
+
+        attach_distance_decoder(sam)
+    if channels is not None:
+        existing = get_refiner(sam)
+        if existing is not None and existing.channels != channels:
+            delattr(sam, REFINER_ATTR)
+        attach_refiner(sam, channels)
     params = dict(sam.named_parameters())
     qkv = fused_qkv_layers(sam)
     with torch.no_grad():
@@ -1375,6 +1410,14 @@ class Finetuner:
                 _inject_encoder_lora(sam, self.cfg.lora_rank, self.cfg.lora_alpha)
             if self.cfg.decoder == "lora":
                 _inject_decoder_lora(sam, self.cfg.lora_rank, self.cfg.lora_alpha)
+            if self.cfg.recipe == "joint" and self.cfg.distance_decoder:
+                from .distance_head import attach_distance_decoder
+
+                attach_distance_decoder(sam)
+            if self.cfg.recipe in DISTANCE_RECIPES and self.cfg.refiner:
+                from .distance_head import attach_refiner
+
+                attach_refiner(sam, self.cfg.refiner_channels)
         sam.to(device)
         for p in sam.parameters():
             p.requires_grad_(False)
@@ -1394,6 +1437,10 @@ class Finetuner:
             full_names += [n for n, _ in sam.named_parameters()
                            if n.startswith("prompt_encoder.point_embeddings.")
                            or n.startswith("prompt_encoder.not_a_point_embed.")]
+        if self.cfg.recipe in DISTANCE_RECIPES:
+            # a refiner (new, or from the adapter trained on) is always trained with the distance map
+            full_names += [n for n, _ in sam.named_parameters()
+                           if n.startswith("distance_refiner.") or n.startswith("distance_decoder.")]
         params = dict(sam.named_parameters())
         for p in lora_params:
             p.requires_grad_(True)
@@ -1439,7 +1486,9 @@ class Finetuner:
         if size < 4.0:
             return None
         factor = 1.0 / size
-        layer = self._sam.mask_decoder.output_hypernetworks_mlps[0].layers[-1]
+        from .distance_head import distance_decoder_of
+
+        layer = distance_decoder_of(self._sam).output_hypernetworks_mlps[0].layers[-1]
         with torch.no_grad():
             layer.weight.mul_(factor)
             layer.bias.mul_(factor)
@@ -1492,6 +1541,8 @@ class Finetuner:
         pair = data.pairs[spec.pair]
         view = render_view(pair, spec, self.input_size, clahe=self.cfg.clahe, distance=distances[spec.pair])
         entry = {"labels": view["labels"], "known": view["known"]}
+        if self._uses_refiner:
+            entry["pixels"] = (view["image"] * 255.0 + 0.5).astype(np.uint8)  # what the refiner reads
         if "target" in view:
             entry["target"] = view["target"].astype(np.float16)
         if self.cfg.recipe in PROMPT_RECIPES:
@@ -1528,15 +1579,32 @@ class Finetuner:
             return feats
         return self._encode(entry["image"], grad=True)
 
+    @property
+    def _uses_refiner(self) -> bool:
+        from .distance_head import get_refiner
+
+        return self.cfg.recipe in DISTANCE_RECIPES and get_refiner(self._sam) is not None
+
+    def _map_logits(self, entries: list[dict], feats, sam=None):
+        """Distance-map logits of views (through the refiner when the model has one)."""
+        torch = _torch()
+        from .predictor import default_prompt_logits, distance_logits
+        from .distance_head import get_refiner
+
+        sam = sam or self._sam
+        if get_refiner(sam) is None:
+            return default_prompt_logits(sam, feats)
+        pixels = np.stack([e["pixels"] for e in entries]).astype(np.float32) / 255.0
+        image = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(self.device)
+        return distance_logits(sam, feats, image)
+
     def _distance_loss(self, entries: list[dict], weight: float = 1.0):
         torch = _torch()
         import torch.nn.functional as F
 
-        from .predictor import default_prompt_logits
-
         feats = torch.cat([self._features_of(e) for e in entries])
         with self._autocast():
-            logits = default_prompt_logits(self._sam, feats)
+            logits = self._map_logits(entries, feats)
         up = F.interpolate(logits.float(), (self.input_size, self.input_size), mode="bilinear",
                            align_corners=False)[:, 0]
         pred = torch.sigmoid(up)
@@ -1658,8 +1726,6 @@ class Finetuner:
         torch = _torch()
         import torch.nn.functional as F
 
-        from .predictor import default_prompt_logits
-
         if not self.val_tiles:
             return {}
         crop = self.cfg.crop_size
@@ -1675,7 +1741,7 @@ class Finetuner:
                     cnt = np.zeros(pair.shape, np.float32)
                     for t in tiles:
                         feats = self._features_of(t)
-                        logits = default_prompt_logits(sam, feats)
+                        logits = self._map_logits([t], feats)
                         up = F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)
                         prob = torch.sigmoid(up)[0, 0].cpu().numpy()
                         rs, cs = t["slice"]
@@ -1851,7 +1917,7 @@ class Finetuner:
         torch = _torch()
         if not self.cfg.checkpoint or not Path(self.cfg.checkpoint).is_file():
             return None
-        state = torch.load(self.cfg.checkpoint, map_location="cpu", weights_only=False)
+        state = torch.load(self.cfg.checkpoint, map_location="cpu", weights_only=True)  # tensors and plain data
         if state.get("config") != self.cfg.to_dict():
             raise ValueError(
                 f"checkpoint {self.cfg.checkpoint} was written with other settings: delete it or use the same "
@@ -2050,7 +2116,6 @@ class Finetuner:
         import torch.nn.functional as F
 
         from .postprocess import labels_from_distance_map
-        from .predictor import default_prompt_logits
 
         sam = result.model.sam
         size = self.input_size
@@ -2061,7 +2126,7 @@ class Finetuner:
                     acc = np.zeros(pair.shape, np.float32)
                     cnt = np.zeros(pair.shape, np.float32)
                     for t in (t for t in self.val_tiles if t["pair"] == i):
-                        logits = default_prompt_logits(sam, self._features_of(t, sam)).float()
+                        logits = self._map_logits([t], self._features_of(t, sam), sam).float()
                         up = F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)
                         rs, cs = t["slice"]
                         prob = _resample(torch.sigmoid(up)[0, 0].cpu().numpy(), self.cfg.crop_size)
@@ -2071,7 +2136,7 @@ class Finetuner:
                 source = "validation"
             else:
                 for e in [e for e in entries if "features" in e][:max_views]:
-                    logits = default_prompt_logits(sam, self._features_of(e, sam)).float()
+                    logits = self._map_logits([e], self._features_of(e, sam), sam).float()
                     up = F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)
                     samples.append((torch.sigmoid(up)[0, 0].cpu().numpy(), e["labels"], e["known"]))
                 source = "training views"

@@ -396,7 +396,9 @@ def default_prompt_logits(sam, features):
 
     This is the forward pass of the distance-map models (SAMCell recipe): the
     mask decoder, given no point, box or mask, regresses a map over the whole
-    window. Gradients flow (used by fine-tuning as well as inference).
+    window. Gradients flow (used by fine-tuning as well as inference). A model
+    with its own distance decoder (:mod:`~napari_cellseg.core.distance_head`)
+    answers with that one.
 
     Parameters
     ----------
@@ -405,17 +407,54 @@ def default_prompt_logits(sam, features):
     """
     import torch
 
+    from .distance_head import distance_decoder_of
+
+    decoder = distance_decoder_of(sam)
     batch = features.shape[0]
     sparse, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
     pe = sam.prompt_encoder.get_dense_pe()
     outs = []
     for b in range(batch):  # the decoder takes one image embedding per call
-        low, _ = sam.mask_decoder(
+        low, _ = decoder(
             image_embeddings=features[b : b + 1], image_pe=pe, sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense, multimask_output=False,
         )
         outs.append(low)
     return torch.cat(outs, dim=0)
+
+
+def distance_logits(sam, features, image01):
+    """Distance-map logits of crops: the default prompt's, refined when the model has a refiner.
+
+    Parameters
+    ----------
+    sam : segment_anything.modeling.Sam
+    features : torch.Tensor, shape (B, C, G, G)
+        Image embeddings of the crops.
+    image01 : torch.Tensor, shape (B, 3, S, S)
+        The crops in [0, 1] as the encoder saw them (before its normalisation);
+        resized to the logits' grid for the refiner. Unused without a refiner.
+
+    Returns
+    -------
+    torch.Tensor, shape (B, 1, h, w)
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .distance_head import get_refiner
+
+    logits = default_prompt_logits(sam, features)
+    refiner = get_refiner(sam)
+    if refiner is None:
+        return logits
+    size = logits.shape[-2:]
+    image = image01.to(device=logits.device, dtype=torch.float32)
+    if image.shape[-2:] != size:
+        # box filter (SAM's 1024 px input to its 256 px mask grid is an exact factor 4); "area" has
+        # kernels on every device and in float32 under autocast, unlike antialiased bilinear resizing
+        image = F.interpolate(image, size, mode="area")
+    return refiner(image.to(logits.dtype), logits, features.to(logits.dtype))
 
 
 def clip_boxes(boxes_rc: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -1,0 +1,153 @@
+"""The distance-map head of fine-tuned models: its own mask decoder and a full-resolution refiner.
+
+SAMCell's automatic mode reads a per-cell distance map from SAM's mask
+decoder given the default (empty) prompt. A model that must also answer
+clicks and boxes (the joint recipe, the packaged ``cellseg`` model) would
+share every decoder weight, even the output token, between two opposite
+jobs: a smooth map over all cells, and one cell's binary mask. This module
+gives such models
+
+* ``sam.distance_decoder``: a second copy of the mask decoder, used only for
+  the default prompt (the image encoder and its neck stay shared), so the
+  distance map and the prompt masks are trained without fighting; and
+* ``sam.distance_refiner``: a small U-Net that corrects the decoder's logits
+  from the crop's own pixels. With the image encoder frozen (how fine-tuning
+  runs on a CPU), the decoder answers with a per-token read-out of frozen
+  features: none of its layers mixes neighbouring image tokens and its
+  upscaling is two transposed 2 x 2 convolutions, so maps come out blocky (a
+  4 px checkerboard) and blind to the thin borders between touching cells.
+  The refiner reads the crop at the decoder's output resolution, the
+  decoder's logits and the image embedding (at its coarsest scale), and adds
+  a correction to the logits; its last layer starts at zero, so a model
+  starts exactly as its decoder. HQ-SAM (Ke et al., 2023) fuses early
+  high-resolution features with the decoder's for the same reason; here the
+  high-resolution input is the image, so nothing more is cached in training.
+
+Both are ordinary submodules of the ``Sam`` and are saved with an adapter
+like any fully trained tensor (``distance_decoder.*``, ``distance_refiner.*``);
+:func:`napari_cellseg.core.predictor.distance_logits` uses them. Prompts
+(points, boxes, the grid) never do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+REFINER_ATTR = "distance_refiner"
+DECODER_ATTR = "distance_decoder"
+DEFAULT_CHANNELS = 16
+
+
+def _refiner_class():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    def conv(cin: int, cout: int) -> nn.Conv2d:
+        return nn.Conv2d(cin, cout, 3, padding=1)
+
+    class DistanceRefiner(nn.Module):
+        """``refined = logits + head(image, logits, embedding)``; see the module docstring.
+
+        Parameters
+        ----------
+        channels : int
+            Width at full resolution (doubled at the two coarser scales).
+        embed_dim : int
+            Channels of the image embedding (256 for every SAM).
+        """
+
+        def __init__(self, channels: int = DEFAULT_CHANNELS, embed_dim: int = 256) -> None:
+            super().__init__()
+            c = int(channels)
+            self.channels = c
+            self.embed_dim = int(embed_dim)
+            self.enc1 = nn.Sequential(conv(4, c), nn.ReLU(), conv(c, c), nn.ReLU())
+            self.enc2 = nn.Sequential(nn.MaxPool2d(2), conv(c, 2 * c), nn.ReLU(), conv(2 * c, 2 * c), nn.ReLU())
+            self.enc3 = nn.Sequential(nn.MaxPool2d(2), conv(2 * c, 2 * c), nn.ReLU())
+            self.embed_proj = nn.Conv2d(self.embed_dim, 2 * c, 1)
+            self.mid = nn.Sequential(conv(4 * c, 2 * c), nn.ReLU())
+            self.dec2 = nn.Sequential(conv(4 * c, 2 * c), nn.ReLU())
+            self.dec1 = nn.Sequential(conv(3 * c, c), nn.ReLU())
+            self.out = nn.Conv2d(c, 1, 1)
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+
+        def forward(self, image01, logits, embedding):
+            """Refined logits.
+
+            Parameters
+            ----------
+            image01 : Tensor (B, 3, H, W)
+                The crops in [0, 1], at the logits' size (``H = W``, a multiple of 4).
+            logits : Tensor (B, 1, H, W)
+                The mask decoder's default-prompt logits.
+            embedding : Tensor (B, embed_dim, h, w)
+                The image embedding the logits came from.
+            """
+            x = torch.cat([image01 - 0.5, torch.tanh(logits / 4.0)], dim=1)
+            a = self.enc1(x)
+            b = self.enc2(a)
+            c = self.enc3(b)
+            e = self.embed_proj(embedding)
+            if e.shape[-2:] != c.shape[-2:]:
+                e = F.interpolate(e, c.shape[-2:], mode="bilinear", align_corners=False)
+            c = self.mid(torch.cat([c, e], dim=1))
+            u = F.interpolate(c, b.shape[-2:], mode="bilinear", align_corners=False)
+            u = self.dec2(torch.cat([u, b], dim=1))
+            u = F.interpolate(u, a.shape[-2:], mode="bilinear", align_corners=False)
+            u = self.dec1(torch.cat([u, a], dim=1))
+            return logits + self.out(u)
+
+    return DistanceRefiner
+
+
+def make_refiner(channels: int = DEFAULT_CHANNELS, embed_dim: int = 256):
+    """A new :class:`DistanceRefiner` (identity at start: its output layer is zero)."""
+    return _refiner_class()(channels, embed_dim)
+
+
+def attach_refiner(sam, channels: int = DEFAULT_CHANNELS):
+    """Give ``sam`` a fresh refiner (on its device) unless it has one; return the refiner."""
+    existing = get_refiner(sam)
+    if existing is not None:
+        return existing
+    embed_dim = int(sam.mask_decoder.transformer_dim)
+    device = next(sam.mask_decoder.parameters()).device
+    refiner = make_refiner(channels, embed_dim).to(device)
+    setattr(sam, REFINER_ATTR, refiner)
+    return refiner
+
+
+def get_refiner(sam) -> Any | None:
+    return getattr(sam, REFINER_ATTR, None)
+
+
+def refiner_channels_from_tensors(names_and_shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """The width of the refiner stored in adapter tensors (``None`` when they hold none)."""
+    for name, shape in names_and_shapes.items():
+        if name.endswith(f"{REFINER_ATTR}.enc1.0.weight"):
+            return int(shape[0])
+    return None
+
+
+def get_distance_decoder(sam) -> Any | None:
+    return getattr(sam, DECODER_ATTR, None)
+
+
+def attach_distance_decoder(sam):
+    """Give ``sam`` its own distance decoder (a copy of its mask decoder) unless it has one; return it."""
+    import copy
+
+    existing = get_distance_decoder(sam)
+    if existing is not None:
+        return existing
+    decoder = copy.deepcopy(sam.mask_decoder)
+    setattr(sam, DECODER_ATTR, decoder)
+    return decoder
+
+
+def distance_decoder_of(sam):
+    """The decoder that answers the default prompt: the distance decoder when there is one."""
+    decoder = get_distance_decoder(sam)
+    return sam.mask_decoder if decoder is None else decoder

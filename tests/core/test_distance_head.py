@@ -1,0 +1,80 @@
+"""The distance-map head: the refiner starts as the identity, attaches once, resizes what it reads."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from napari_cellseg.core import distance_head as dh  # noqa: E402
+from napari_cellseg.core import models  # noqa: E402
+from napari_cellseg.core.predictor import default_prompt_logits, distance_logits  # noqa: E402
+
+
+def _inputs(model, scale: int = 1, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    grid = model.sam.prompt_encoder.image_embedding_size
+    feats = torch.randn(2, model.sam.mask_decoder.transformer_dim, *grid, generator=g)
+    side = 4 * grid[0] * scale
+    image = torch.rand(2, 3, side, side, generator=g)
+    return feats, image
+
+
+def test_a_new_refiner_is_the_identity_and_learns_a_correction():
+    model = models.random_model("tinyvit_test")
+    feats, image = _inputs(model)
+    with torch.no_grad():
+        plain = default_prompt_logits(model.sam, feats)
+    refiner = dh.attach_refiner(model.sam, channels=8)
+    assert dh.attach_refiner(model.sam) is refiner  # attached once
+    with torch.no_grad():
+        start = distance_logits(model.sam, feats, image)
+    torch.testing.assert_close(start, plain, rtol=0, atol=0)
+    # a few steps towards a target that depends on the pixels: the refined map moves towards it
+    target = (image.mean(1, keepdim=True) > 0.5).float()
+    opt = torch.optim.Adam(refiner.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = ((torch.sigmoid(distance_logits(model.sam, feats, image)) - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert not any(p.requires_grad and p.grad is None for p in refiner.parameters())
+
+
+def test_the_refiner_reads_crops_larger_than_the_mask_grid():
+    """SAM's 1024 px input against its 256 px mask grid: the crop is box-filtered to the grid."""
+    model = models.random_model("tinyvit_test")
+    feats, image = _inputs(model, scale=4)
+    refiner = dh.attach_refiner(model.sam, channels=4)
+    torch.nn.init.normal_(refiner.out.weight, std=0.1)
+    with torch.no_grad():
+        big = distance_logits(model.sam, feats, image)
+        small = distance_logits(model.sam, feats, torch.nn.functional.avg_pool2d(image, 4))
+    assert big.shape == default_prompt_logits(model.sam, feats).shape
+    torch.testing.assert_close(big, small, rtol=1e-5, atol=1e-5)
+
+
+def test_refiner_width_is_read_from_adapter_tensors():
+    refiner = dh.make_refiner(channels=12, embed_dim=32)
+    shapes = {f"s0.full.distance_refiner.{k}": tuple(v.shape) for k, v in refiner.state_dict().items()}
+    assert dh.refiner_channels_from_tensors(shapes) == 12
+    assert dh.refiner_channels_from_tensors({"s0.full.mask_decoder.x": (3, 3)}) is None
+    assert 5_000 < sum(p.numel() for p in refiner.parameters()) < 60_000
+
+
+def test_distance_decoder_is_a_separate_copy():
+    model = models.random_model("tinyvit_test")
+    decoder = dh.attach_distance_decoder(model.sam)
+    assert decoder is not model.sam.mask_decoder and dh.distance_decoder_of(model.sam) is decoder
+    feats, _ = _inputs(model)
+    with torch.no_grad():
+        a = default_prompt_logits(model.sam, feats)
+        decoder.output_hypernetworks_mlps[0].layers[-1].bias.add_(1.0)
+        b = default_prompt_logits(model.sam, feats)
+    assert not torch.allclose(a, b)
+    names = [n for n, _ in model.sam.named_parameters()]
+    assert any(n.startswith("distance_decoder.") for n in names)
+    assert np.isclose(sum(p.numel() for p in decoder.parameters()),
+                      sum(p.numel() for p in model.sam.mask_decoder.parameters()))
