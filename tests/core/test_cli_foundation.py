@@ -18,8 +18,8 @@ def _isolated(isolated_models):
 def test_models_lists_catalogue_and_offline_state(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    assert "*litemedsam" in out  # the default model
-    for name in ("*litemedsam", " cellseg"):  # both work offline (cellseg ships in the package)
+    assert "*cellseg" in out  # the default model
+    for name in (" litemedsam", "*cellseg"):  # both work offline (cellseg ships in the package)
         line = next(x for x in out.splitlines() if x.startswith(name))
         assert "offline" in line, line
     assert "download" in next(x for x in out.splitlines() if x.startswith(" vit_h"))

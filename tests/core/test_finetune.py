@@ -767,3 +767,35 @@ def test_joint_views_alternate_clahe_and_keys_differ():
     assert not np.allclose(plain["image"], equalised["image"])
     prompt_cfg = ft.FinetuneConfig(recipe="prompt", epochs=1, minutes=None).resolved(64)
     assert not any(s.clahe for s in ft.plan_views(data, 20, prompt_cfg, np.random.default_rng(0)))
+
+
+def test_keeping_the_base_prompt_path_keeps_the_trained_distance_map(tmp_path):
+    """The packaged model's construction: prompts answer as the base, the map as the joint-trained model."""
+    import copy
+
+    from napari_cellseg.core.automatic import crop_distance_maps
+    from napari_cellseg.core.distance_head import keep_base_prompt_path
+    from napari_cellseg.core.models import LoadedModel
+
+    image, labels = _cells()
+    base = models.load_model(_checkpoint(tmp_path, "tinyvit_test"), device="cpu")
+    cfg = ft.FinetuneConfig(recipe="joint", epochs=3, minutes=None, views=2, lr=1e-2, amp=False, batch_size=1)
+    result = run_to_completion(ft.finetune(base, ft.make_training_data(image, labels), cfg))
+    kept = keep_base_prompt_path(result.tensors)
+    assert not any(".mask_decoder." in k or ".prompt_encoder." in k or ".image_encoder." in k for k in kept)
+    assert any(".full.distance_neck." in k for k in kept)
+    sam = copy.deepcopy(base.sam)
+    ft.apply_adapter(sam, kept)
+    split = LoadedModel(name="split", sam=sam.eval(), device="cpu", entry=base.entry, meta=dict(result.model.meta))
+    a, b, c = _decode_outputs(split), _decode_outputs(base), _decode_outputs(result.model)
+    for x, y in zip(a[:4], b[:4]):  # clicks and boxes: the base model's
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_allclose(a[5], c[5], rtol=1e-5, atol=1e-6)  # the refined distance map: the trained one
+    with pytest.raises(ValueError, match="no separate distance decoder"):
+        keep_base_prompt_path({k: v for k, v in kept.items() if ".distance_decoder." not in k})
+    # continuing with the distance recipe trains the distance path only
+    trainer = ft.Finetuner(split, ft.make_training_data(image, labels),
+                           ft.FinetuneConfig(recipe="distance", epochs=1, minutes=None, views=1, lr=1e-2, amp=False))
+    run_to_completion(trainer.run())
+    assert any(n.startswith("distance_neck.") for n in trainer.full_names)
+    assert not any(n.startswith("image_encoder.neck.") for n in trainer.full_names)

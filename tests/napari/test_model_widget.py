@@ -20,10 +20,10 @@ def test_widget_lists_catalogue_and_marks_downloads(make_napari_viewer):
     viewer = make_napari_viewer()
     widget = ModelSelectionWidget(viewer)
     labels = [widget.model_combo.itemText(i) for i in range(widget.model_combo.count())]
-    assert "litemedsam" in labels
+    assert "litemedsam" in labels and "cellseg" in labels
     assert "vit_h (download)" in labels
     assert labels[-1] == CUSTOM
-    assert widget.chosen_name() == "litemedsam"
+    assert widget.chosen_name() == models.DEFAULT_MODEL == "cellseg"
 
 
 def test_loading_a_checkpoint_runs_in_a_worker_and_updates_the_session(make_napari_viewer, qtbot, tmp_path):

@@ -502,6 +502,7 @@ def crop_distance_maps(model: LoadedModel, crops01: list[np.ndarray]) -> list[np
     import torch
     import torch.nn.functional as F
 
+    from .distance_head import distance_features
     from .predictor import distance_logits
 
     sam = model.sam
@@ -513,7 +514,7 @@ def crop_distance_maps(model: LoadedModel, crops01: list[np.ndarray]) -> list[np
         tensors.append(t)
     x = torch.cat(tensors).to(model.device)
     with torch.inference_mode():
-        features = sam.image_encoder(_encoder_input(sam, x))
+        features = distance_features(sam, _encoder_input(sam, x))
         logits = distance_logits(sam, features, x).float()
         h = logits.shape[-1]
         rows, cols = transform.resized_shape

@@ -151,3 +151,68 @@ def distance_decoder_of(sam):
     """The decoder that answers the default prompt: the distance decoder when there is one."""
     decoder = get_distance_decoder(sam)
     return sam.mask_decoder if decoder is None else decoder
+
+
+NECK_ATTR = "distance_neck"
+
+
+def get_distance_neck(sam) -> Any | None:
+    return getattr(sam, NECK_ATTR, None)
+
+
+def attach_distance_neck(sam):
+    """Give ``sam`` its own distance-path neck (a copy of its image encoder's neck) unless it has one."""
+    import copy
+
+    existing = get_distance_neck(sam)
+    if existing is not None:
+        return existing
+    neck = copy.deepcopy(sam.image_encoder.neck)
+    setattr(sam, NECK_ATTR, neck)
+    return neck
+
+
+def distance_features(sam, x):
+    """Image embeddings for the distance path of encoder inputs ``x`` (normalised as the encoder expects).
+
+    The image encoder's output, or, for a model with its own distance neck, the
+    features before the encoder's neck through that neck.
+    """
+    neck = get_distance_neck(sam)
+    if neck is None:
+        return sam.image_encoder(x)
+    from .finetune import encoder_before_neck
+
+    return neck(encoder_before_neck(sam.image_encoder, x))
+
+
+def keep_base_prompt_path(tensors: dict) -> dict:
+    """Adapter tensors whose prompt pathway is the base model's, unchanged: only the distance head trains.
+
+    A joint-recipe adapter trains the image encoder's neck for both the distance
+    map and the prompts, and the mask decoder and point embeddings for the
+    prompts. This keeps its distance path (the trained neck, renamed
+    ``distance_neck``, its ``distance_decoder`` and ``distance_refiner``) and
+    drops what changed the prompts, so clicks, boxes and the grid mode answer
+    exactly as the base model does. Used for the packaged model: with the
+    image encoder frozen, prompt training lowered box IoU below zero-shot
+    LiteMedSAM's without raising click IoU (docs/model_card.md).
+
+    Raises
+    ------
+    ValueError
+        When the tensors hold no separate distance decoder (the distance map
+        would then depend on the dropped prompt decoder).
+    """
+    if not any(".full.distance_decoder." in k for k in tensors):
+        raise ValueError("these adapter tensors have no separate distance decoder: nothing to keep apart")
+    out = {}
+    for key, value in tensors.items():
+        stage, _, rest = key.partition(".")
+        if rest.startswith("full.image_encoder.neck."):
+            out[f"{stage}.full.{NECK_ATTR}." + rest[len("full.image_encoder.neck."):]] = value
+        elif rest.startswith(("full.mask_decoder.", "full.prompt_encoder.", "lora.mask_decoder.")):
+            continue
+        else:
+            out[key] = value
+    return out

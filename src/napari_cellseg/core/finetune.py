@@ -1201,6 +1201,10 @@ def apply_adapter(sam, tensors: dict[str, torch.Tensor]) -> None:
         from .distance_head import attach_distance_decoder
 
         attach_distance_decoder(sam)
+    if any(".full.distance_neck." in k for k in tensors):
+        from .distance_head import attach_distance_neck
+
+        attach_distance_neck(sam)
     if channels is not None:
         existing = get_refiner(sam)
         if existing is not None and existing.channels != channels:
@@ -1427,8 +1431,18 @@ class Finetuner:
                 lora_params.append(p)
         if self.cfg.decoder == "full":
             full_names += [n for n, _ in sam.named_parameters() if n.startswith("mask_decoder.")]
+        from .distance_head import get_distance_neck
+
+        if get_distance_neck(sam) is not None and self.cfg.recipe in DISTANCE_RECIPES and \
+                self.cfg.encoder_tail != "neck" and not self.cfg.encoder_lora:
+            raise ValueError("this base model has its own distance neck: train with encoder_tail='neck'")
         if self.cfg.encoder_tail == "neck":
-            full_names += [n for n, _ in sam.named_parameters() if n.startswith("image_encoder.neck.")]
+            # the neck each loss reads: the encoder's for prompts, the distance neck (when the base has one)
+            # for the distance map
+            if self.cfg.recipe in PROMPT_RECIPES or get_distance_neck(sam) is None:
+                full_names += [n for n, _ in sam.named_parameters() if n.startswith("image_encoder.neck.")]
+            if self.cfg.recipe in DISTANCE_RECIPES and get_distance_neck(sam) is not None:
+                full_names += [n for n, _ in sam.named_parameters() if n.startswith("distance_neck.")]
         if self.cfg.recipe in DISTANCE_RECIPES and self.cfg.decoder != "full":
             # the rescaled output layer (see _unsaturate) must be saved with the adapter
             full_names += [n for n, _ in sam.named_parameters()
@@ -1479,7 +1493,7 @@ class Finetuner:
         torch = _torch()
         from .predictor import default_prompt_logits
 
-        feats = torch.cat([self._features_of(e) for e in entries[:4]])
+        feats = torch.cat([self._features_of(e, distance=True) for e in entries[:4]])
         with torch.no_grad():
             logits = default_prompt_logits(self._sam, feats)
         size = float(logits.abs().mean())
@@ -1569,14 +1583,26 @@ class Finetuner:
 
     # -- losses ----------------------------------------------------------------------
 
-    def _features_of(self, entry: dict, sam=None):
-        """Image embedding of a cached or rendered view (through ``sam``'s neck when the neck is trained)."""
+    def _features_of(self, entry: dict, sam=None, distance: bool = False):
+        """Image embedding of a cached or rendered view (through ``sam``'s neck when the neck is trained).
+
+        ``distance``: the embedding of the distance path, through the model's
+        own distance neck when it has one (a model continued from the
+        packaged ``cellseg``).
+        """
         torch = _torch()
+        from .distance_head import get_distance_neck
+
+        sam = sam or self._sam
+        neck = get_distance_neck(sam) if distance else None
         if "features" in entry:
             feats = torch.from_numpy(entry["features"].astype(np.float32))[None].to(self.device)
             if self._cache_neck_input:
-                feats = (sam or self._sam).image_encoder.neck(feats)
+                feats = (neck or sam.image_encoder.neck)(feats)
             return feats
+        if neck is not None:
+            x = torch.from_numpy(np.ascontiguousarray(entry["image"].transpose(2, 0, 1)))[None].to(self.device)
+            return neck(encoder_before_neck(sam.image_encoder, (x * 255.0 - sam.pixel_mean) / sam.pixel_std))
         return self._encode(entry["image"], grad=True)
 
     @property
@@ -1602,7 +1628,7 @@ class Finetuner:
         torch = _torch()
         import torch.nn.functional as F
 
-        feats = torch.cat([self._features_of(e) for e in entries])
+        feats = torch.cat([self._features_of(e, distance=True) for e in entries])
         with self._autocast():
             logits = self._map_logits(entries, feats)
         up = F.interpolate(logits.float(), (self.input_size, self.input_size), mode="bilinear",
@@ -1740,7 +1766,7 @@ class Finetuner:
                     acc = np.zeros(pair.shape, np.float32)
                     cnt = np.zeros(pair.shape, np.float32)
                     for t in tiles:
-                        feats = self._features_of(t)
+                        feats = self._features_of(t, distance=True)
                         logits = self._map_logits([t], feats)
                         up = F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)
                         prob = torch.sigmoid(up)[0, 0].cpu().numpy()
@@ -1903,6 +1929,7 @@ class Finetuner:
             "steps": self._steps, "epoch": epoch, "elapsed_train": elapsed_train,
             "best": self._best_tensors, "best_score": self._best_score, "history": self._history,
             "rng": rng.bit_generator.state, "config": self.cfg.to_dict(), "views_done": views_done,
+            "train_budget": getattr(self, "_train_budget", None),
         }
 
     def _save_checkpoint(self, state: dict) -> None:
@@ -2018,7 +2045,12 @@ class Finetuner:
             yield Progress(self._steps, max_steps or 0, f"resumed from {cfg.checkpoint} at step {self._steps}")
         train_budget = None
         if budget is not None:
-            train_budget = max(1.0, budget - (train_start - self._started)) + elapsed_before
+            train_budget = max(1.0, budget - (train_start - self._started))
+            if resume is not None:
+                # the budget of the interrupted run, not a new one on top of it (the learning-rate schedule
+                # and the end of training follow the original run)
+                train_budget = resume.get("train_budget") or train_budget + elapsed_before
+        self._train_budget = train_budget
         eval_every = cfg.eval_every
         window_losses: list[float] = []
         bad_evals = 0
@@ -2126,7 +2158,7 @@ class Finetuner:
                     acc = np.zeros(pair.shape, np.float32)
                     cnt = np.zeros(pair.shape, np.float32)
                     for t in (t for t in self.val_tiles if t["pair"] == i):
-                        logits = self._map_logits([t], self._features_of(t, sam), sam).float()
+                        logits = self._map_logits([t], self._features_of(t, sam, distance=True), sam).float()
                         up = F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)
                         rs, cs = t["slice"]
                         prob = _resample(torch.sigmoid(up)[0, 0].cpu().numpy(), self.cfg.crop_size)
@@ -2136,7 +2168,7 @@ class Finetuner:
                 source = "validation"
             else:
                 for e in [e for e in entries if "features" in e][:max_views]:
-                    logits = self._map_logits([e], self._features_of(e, sam), sam).float()
+                    logits = self._map_logits([e], self._features_of(e, sam, distance=True), sam).float()
                     up = F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)
                     samples.append((torch.sigmoid(up)[0, 0].cpu().numpy(), e["labels"], e["known"]))
                 source = "training views"
@@ -2197,7 +2229,7 @@ class Finetuner:
 
 #: adapter metadata copied onto the loaded model (``LoadedModel.meta``)
 _RUNTIME_META = ("base", "recipe", "output", "thresholds", "capabilities", "crop_size", "input_size", "metrics",
-                 "created", "stages", "data", "config")
+                 "created", "stages", "data", "config", "prompt_pathway")
 
 
 def _amp_supported(device: str) -> bool:

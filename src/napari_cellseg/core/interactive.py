@@ -885,6 +885,9 @@ def resolve_mask_threshold(model: LoadedModel, value: float | None = None) -> fl
     meta = getattr(model, "meta", None) or {}
     if "prompt_mask_threshold" in meta:
         return float(meta["prompt_mask_threshold"])
+    if str(meta.get("prompt_pathway", "")).startswith("base") and meta.get("base") in PROMPT_MASK_THRESHOLDS:
+        # an adapter that leaves the base model's prompt pathway unchanged (the packaged cellseg)
+        return float(PROMPT_MASK_THRESHOLDS[meta["base"]])
     entry = getattr(model, "entry", None)
     return float(PROMPT_MASK_THRESHOLDS.get(getattr(entry, "name", model.name), 0.0))
 

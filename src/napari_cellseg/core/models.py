@@ -42,9 +42,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from segment_anything.modeling import Sam
 
 CACHE_ENV = "NAPARI_CELLSEG_CACHE"
-#: the model of the widgets and the command line when none is named. The packaged ``cellseg``
-#: (docs/model_card.md) is not the default yet: its box prompts are worse than LiteMedSAM's
-DEFAULT_MODEL = "litemedsam"
+#: the model of the widgets and the command line when none is named: the packaged ``cellseg``
+#: (docs/model_card.md): LiteMedSAM for prompts, plus a trained distance head for the automatic modes
+DEFAULT_MODEL = "cellseg"
 
 # ---------------------------------------------------------------------------
 # architectures
@@ -199,7 +199,7 @@ LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c302
 #: the default model's adapter (LiteMedSAM + what training changed, float16 safetensors + JSON
 #: metadata), made by ``training/train_default_model.py``; its sha256 is checked before loading
 CELLSEG_PATH = Path(__file__).resolve().parents[1] / "models" / "cellseg.safetensors"
-CELLSEG_SHA256 = "dc94188fc0a2605e28adce15be7729d1a4176f148639b41c81f9ead9b1327c9a"
+CELLSEG_SHA256 = "90786ddebca575bdc0f1485aa457152261882beaf5c1b45350bb1ae51f18696b"
 
 _BUILTIN: dict[str, ModelEntry] = {
     e.name: e
