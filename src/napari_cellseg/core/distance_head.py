@@ -135,16 +135,20 @@ def get_distance_decoder(sam) -> Any | None:
     return getattr(sam, DECODER_ATTR, None)
 
 
-def attach_distance_decoder(sam):
-    """Give ``sam`` its own distance decoder (a copy of its mask decoder) unless it has one; return it."""
+def _attach_copy(sam, attr: str, source):
+    """Set ``sam.<attr>`` to a deep copy of ``source`` unless it is set; return it."""
     import copy
 
-    existing = get_distance_decoder(sam)
-    if existing is not None:
-        return existing
-    decoder = copy.deepcopy(sam.mask_decoder)
-    setattr(sam, DECODER_ATTR, decoder)
-    return decoder
+    existing = getattr(sam, attr, None)
+    if existing is None:
+        existing = copy.deepcopy(source)
+        setattr(sam, attr, existing)
+    return existing
+
+
+def attach_distance_decoder(sam):
+    """Give ``sam`` its own distance decoder (a copy of its mask decoder) unless it has one; return it."""
+    return _attach_copy(sam, DECODER_ATTR, sam.mask_decoder)
 
 
 def distance_decoder_of(sam):
@@ -162,14 +166,7 @@ def get_distance_neck(sam) -> Any | None:
 
 def attach_distance_neck(sam):
     """Give ``sam`` its own distance-path neck (a copy of its image encoder's neck) unless it has one."""
-    import copy
-
-    existing = get_distance_neck(sam)
-    if existing is not None:
-        return existing
-    neck = copy.deepcopy(sam.image_encoder.neck)
-    setattr(sam, NECK_ATTR, neck)
-    return neck
+    return _attach_copy(sam, NECK_ATTR, sam.image_encoder.neck)
 
 
 def distance_features(sam, x):
