@@ -798,4 +798,5 @@ def test_keeping_the_base_prompt_path_keeps_the_trained_distance_map(tmp_path):
                            ft.FinetuneConfig(recipe="distance", epochs=1, minutes=None, views=1, lr=1e-2, amp=False))
     run_to_completion(trainer.run())
     assert any(n.startswith("distance_neck.") for n in trainer.full_names)
-    assert not any(n.startswith("image_encoder.neck.") for n in trainer.full_names)
+    assert not any(n.startswith(("image_encoder.neck.", "mask_decoder.")) for n in trainer.full_names)
+    assert any(n.startswith("distance_decoder.") for n in trainer.full_names)

@@ -35,6 +35,7 @@ from typing import Any
 
 REFINER_ATTR = "distance_refiner"
 DECODER_ATTR = "distance_decoder"
+NECK_ATTR = "distance_neck"
 DEFAULT_CHANNELS = 16
 
 
@@ -156,8 +157,6 @@ def distance_decoder_of(sam):
     decoder = get_distance_decoder(sam)
     return sam.mask_decoder if decoder is None else decoder
 
-
-NECK_ATTR = "distance_neck"
 
 
 def get_distance_neck(sam) -> Any | None:

@@ -1193,17 +1193,14 @@ def apply_adapter(sam, tensors: dict[str, torch.Tensor]) -> None:
         When a tensor names a layer the model does not have or has the wrong shape.
     """
     torch = _torch()
-    from .distance_head import REFINER_ATTR, attach_refiner, get_refiner, refiner_channels_from_tensors
+    from .distance_head import (REFINER_ATTR, attach_distance_decoder, attach_distance_neck, attach_refiner,
+                                get_refiner, refiner_channels_from_tensors)
 
     stages = sorted({int(k.split(".", 1)[0][1:]) for k in tensors})
     channels = refiner_channels_from_tensors({k: tuple(v.shape) for k, v in tensors.items()})
     if any(".full.distance_decoder." in k for k in tensors):
-        from .distance_head import attach_distance_decoder
-
         attach_distance_decoder(sam)
     if any(".full.distance_neck." in k for k in tensors):
-        from .distance_head import attach_distance_neck
-
         attach_distance_neck(sam)
     if channels is not None:
         existing = get_refiner(sam)
@@ -1429,9 +1426,11 @@ class Finetuner:
         for name, p in sam.named_parameters():
             if ".lora_A." in name or ".lora_B." in name or name.rsplit(".", 1)[-1] in ("q_A", "q_B", "v_A", "v_B"):
                 lora_params.append(p)
-        if self.cfg.decoder == "full":
+        from .distance_head import get_distance_decoder, get_distance_neck
+
+        if self.cfg.decoder == "full" and (self.cfg.recipe in PROMPT_RECIPES or get_distance_decoder(sam) is None):
+            # (a distance recipe on a model whose map has its own decoder never reads the mask decoder)
             full_names += [n for n, _ in sam.named_parameters() if n.startswith("mask_decoder.")]
-        from .distance_head import get_distance_neck
 
         if get_distance_neck(sam) is not None and self.cfg.recipe in DISTANCE_RECIPES and \
                 self.cfg.encoder_tail != "neck" and not self.cfg.encoder_lora:
@@ -1443,7 +1442,7 @@ class Finetuner:
                 full_names += [n for n, _ in sam.named_parameters() if n.startswith("image_encoder.neck.")]
             if self.cfg.recipe in DISTANCE_RECIPES and get_distance_neck(sam) is not None:
                 full_names += [n for n, _ in sam.named_parameters() if n.startswith("distance_neck.")]
-        if self.cfg.recipe in DISTANCE_RECIPES and self.cfg.decoder != "full":
+        if self.cfg.recipe in DISTANCE_RECIPES and self.cfg.decoder != "full" and get_distance_decoder(sam) is None:
             # the rescaled output layer (see _unsaturate) must be saved with the adapter
             full_names += [n for n, _ in sam.named_parameters()
                            if n.startswith("mask_decoder.output_hypernetworks_mlps.0.layers.2.")]
@@ -1528,14 +1527,20 @@ class Finetuner:
         """Cache the features entering the encoder's neck (the neck is trained), not its output."""
         return self.cfg.encoder_tail == "neck" and not self.cfg.encoder_lora
 
-    def _encode(self, image01: np.ndarray, grad: bool = False):
-        """Encoder output of a view (or, when the neck is trained from the cache, the neck's input)."""
+    def _encode(self, image01: np.ndarray, grad: bool = False, distance: bool = False, sam=None):
+        """Encoder output of a view (or, when the neck is trained from the cache, the neck's input).
+
+        ``distance`` (with ``grad``): the distance path's embedding
+        (:func:`~napari_cellseg.core.distance_head.distance_features`).
+        """
         torch = _torch()
-        sam = self._sam
+        from .distance_head import distance_features
+
+        sam = sam or self._sam
         x = torch.from_numpy(np.ascontiguousarray(image01.transpose(2, 0, 1)))[None].to(self.device)
         x = (x * 255.0 - sam.pixel_mean) / sam.pixel_std
         if grad:
-            return sam.image_encoder(x)
+            return distance_features(sam, x) if distance else sam.image_encoder(x)
         with torch.no_grad():
             if self._cache_neck_input:
                 return encoder_before_neck(sam.image_encoder, x)
@@ -1600,10 +1605,7 @@ class Finetuner:
             if self._cache_neck_input:
                 feats = (neck or sam.image_encoder.neck)(feats)
             return feats
-        if neck is not None:
-            x = torch.from_numpy(np.ascontiguousarray(entry["image"].transpose(2, 0, 1)))[None].to(self.device)
-            return neck(encoder_before_neck(sam.image_encoder, (x * 255.0 - sam.pixel_mean) / sam.pixel_std))
-        return self._encode(entry["image"], grad=True)
+        return self._encode(entry["image"], grad=True, distance=distance, sam=sam)
 
     @property
     def _uses_refiner(self) -> bool:
