@@ -136,6 +136,13 @@ def markdown(summary: dict, modes: list[str]) -> str:
                                                            d.get("box_iou")]
             cells = ["-" if v is None else f"{v:.3f}" for v in vals]
             lines.append(f"| {model} | {KIND_NAMES.get(kind, kind)} | {d['images']} | " + " | ".join(cells) + " |")
+    speed = [f"{model} {m} mode {d[f'{m}_seconds_per_image']:.1f} s" for model, kinds in summary.items()
+             for kind, d in kinds.items() for m in modes if d.get(f"{m}_seconds_per_image") is not None]
+    if speed:
+        lines += ["", "Seconds per phase-contrast image (1022 x 1024), automatic modes: " + "; ".join(speed) + "."]
+    lines += ["", "Non-distance modes ran on fewer images where `--mode-images` says so (their image counts are "
+              "in the JSON). Clicks of `cellseg` are answered from its cell map (docs/annotation.md); "
+              "LiteMedSAM's row is the same click given to SAM as a point."]
     return "\n".join(lines)
 
 
@@ -168,8 +175,8 @@ def main(argv=None) -> int:
             rng = np.random.default_rng(0)
             row = {"model": name, "kind": item["kind"], "image": item["name"]}
             for mode in args.modes:
-                if mode == "distance" and not auto.is_distance_model(model):
-                    continue
+                if mode in ("distance", "guided") and not auto.is_distance_model(model):
+                    continue  # zero-shot LiteMedSAM has no map
                 if mode != "distance" and args.mode_images is not None and n_img % max(
                         1, len(items) // args.mode_images) != 0:
                     continue

@@ -26,8 +26,10 @@ FULL = [
     ("Embedding time per model", ["bench_embedding.py"]),
     ("Automatic modes: speed, slider updates, zero-shot AP", ["bench_automatic.py", "--no-doc"]),
     ("Interactive annotation: latency and box-prompt IoU", ["bench_annotation.py"]),
-    ("Fine-tuning on one image: time and AP on held-out images", ["bench_finetune.py"]),
-    ("Default model against zero-shot LiteMedSAM on held-out data", ["bench_default_model.py"]),
+    ("Fine-tuning on one image: time and AP on held-out images",
+     ["bench_finetune.py", "--base", "litemedsam", "cellseg"]),
+    ("Default model against zero-shot LiteMedSAM on held-out data",
+     ["bench_default_model.py", "--modes", "distance", "guided", "grid", "--mode-images", "8"]),
 ]
 QUICK = [
     ("Embedding time per model", ["bench_embedding.py", "--archs", "litemedsam", "vit_b", "--repeat", "2"]),
@@ -36,9 +38,11 @@ QUICK = [
     ("Interactive annotation: latency and box-prompt IoU",
      ["bench_annotation.py", "--cells-per-image", "4", "--latency-prompts", "30", "--images", "5", "--skip-vit-b"]),
     ("Fine-tuning on one image: time and AP on held-out images",
-     ["bench_finetune.py", "--minutes", "3", "--val-sets", "36,40,44"]),
+     ["bench_finetune.py", "--base", "litemedsam", "cellseg", "--minutes", "3", "--val-sets", "36,44",
+      "--cells", "20"]),
     ("Default model against zero-shot LiteMedSAM on held-out data",
-     ["bench_default_model.py", "--usiigaci", "36,40,44", "--dsb-per-kind", "4", "--cells-per-image", "8"]),
+     ["bench_default_model.py", "--usiigaci", "36,40,44", "--dsb-per-kind", "4", "--cells-per-image", "8",
+      "--modes", "distance", "guided", "grid", "--mode-images", "4"]),
 ]
 
 

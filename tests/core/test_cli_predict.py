@@ -130,3 +130,23 @@ def test_boxes_with_the_default_model_segment_the_cells(tmp_path, capsys):
     assert np.mean(ious) > 0.8
     out = capsys.readouterr().out
     assert models.DEFAULT_MODEL in out and "(default model)" in out
+
+
+@pytest.mark.slow
+def test_clicks_with_the_default_model_are_answered_from_its_cell_map(tmp_path, capsys):
+    """Real weights: a click per synthetic cell; the map's box beats the click given to SAM as a point."""
+    image, gt = make_cells((160, 160), n=10, seed=1)
+    tifffile.imwrite(tmp_path / "cells.tif", (image * 1000).astype(np.uint16))
+    cells = regionprops(gt)
+    clicks = [a for r in cells for a in ("--point", *map(str, np.round(r.centroid).astype(int)))]
+    mean_iou = {}
+    for flag in ([], ["--no-map-clicks"]):
+        out = tmp_path / f"labels{len(flag)}.tif"
+        assert main(["predict", str(tmp_path / "cells.tif"), "--device", "cpu", "--out", str(out), *clicks, *flag]) == 0
+        labels = tifffile.imread(out)
+        ious = []
+        for k, r in enumerate(cells, start=1):
+            m, g = labels == k, gt == r.label
+            ious.append((m & g).sum() / (m | g).sum())
+        mean_iou[bool(flag)] = float(np.mean(ious))
+    assert mean_iou[False] > 0.7 and mean_iou[False] > mean_iou[True] + 0.2, mean_iou

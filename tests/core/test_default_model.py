@@ -21,23 +21,26 @@ CROP = (slice(0, 512), slice(0, 512))
 TOLERANCE = 0.05
 
 
-def regression_figures(data_root: Path, model) -> dict:
+def regression_figures(data_root: Path, model, clicks_from_map: bool = True, automatic: bool = True) -> dict:
     """Distance-mode AP@0.5 and mean click IoU of ``model`` on the top-left 512 px of Usiigaci set 36.
 
-    Also returns ``masks``: the click masks, to compare models.
+    Clicks go through the annotation mode's segmenter (``clicks_from_map`` as
+    given). Also returns ``masks``: the click masks, to compare models.
     """
     import tifffile
 
     from napari_cellseg.core import automatic as auto
-    from napari_cellseg.core.interactive import InteractiveSegmenter, ObjectPrompt
+    from napari_cellseg.core.interactive import AnnotationConfig, InteractiveSegmenter, ObjectPrompt
     from napari_cellseg.core.metrics import average_precision
     from scipy import ndimage as ndi
 
     root = data_root / "usiigaci-phase-train"
     image = tifffile.imread(root / "images" / "train_set36.tif")[CROP]
     labels = tifffile.imread(root / "masks" / "train_set36.tif")[CROP]
-    result = auto.segment(image, model, mode="distance")
-    ap50 = average_precision(labels, result.labels, (0.5,))[0].ap
+    ap50 = None
+    if automatic:
+        result = auto.segment(image, model, mode="distance")
+        ap50 = float(average_precision(labels, result.labels, (0.5,))[0].ap)
     # one click per cell that does not touch the crop's border, at its innermost pixel
     clicks, ids = [], []
     for idx, sl in enumerate(ndi.find_objects(labels), start=1):
@@ -48,7 +51,7 @@ def regression_figures(data_root: Path, model) -> dict:
         r, c = np.unravel_index(np.argmax(dist), dist.shape)
         clicks.append((r + sl[0].start, c + sl[1].start))
         ids.append(idx)
-    seg = InteractiveSegmenter(model)
+    seg = InteractiveSegmenter(model, config=AnnotationConfig(clicks_from_map=clicks_from_map))
     seg.set_image(image)
     objs = seg.segment_many([ObjectPrompt(points=[p]) for p in clicks])
     ious = []
@@ -56,15 +59,15 @@ def regression_figures(data_root: Path, model) -> dict:
         ref = labels == idx
         m = obj.to_full(labels.shape)
         ious.append(np.logical_and(m, ref).sum() / np.logical_or(m, ref).sum())
-    return {"ap50": float(ap50), "click_iou": float(np.mean(ious)), "n_cells": len(ids),
+    return {"ap50": ap50, "click_iou": float(np.mean(ious)), "n_cells": len(ids),
             "masks": [obj.to_full(labels.shape) for obj in objs]}
 
 
 def card_figures() -> dict:
     text = CARD.read_text()
-    m = re.search(r"<!-- regression: ap50=([0-9.]+) -->", text)
+    m = re.search(r"<!-- regression: ap50=([0-9.]+) click_iou=([0-9.]+) -->", text)
     assert m, f"{CARD} lacks the regression figures line"
-    return {"ap50": float(m.group(1))}
+    return {"ap50": float(m.group(1)), "click_iou": float(m.group(2))}
 
 
 def test_packaged_model_is_an_adapter_with_a_verified_checksum():
@@ -136,16 +139,14 @@ def test_default_model_regression_on_held_out_usiigaci(shared_data):
     got = regression_figures(shared_data, load_model("cellseg", device="cpu"))
     assert got["n_cells"] >= 8
     assert got["ap50"] >= expected["ap50"] - TOLERANCE, (got["ap50"], expected)
-    # LiteMedSAM has no distance mode; its clicks are the packaged model's, mask for mask
-    ref = regression_figures(shared_data, auto_distance(load_model("litemedsam", device="cpu")))
-    assert all(np.array_equal(a, b) for a, b in zip(got["masks"], ref["masks"]))
-
-
-def auto_distance(model):
-    """LiteMedSAM marked as a distance model, so :func:`regression_figures` runs (its map is meaningless)."""
-    from napari_cellseg.core import automatic as auto
-
-    return auto.as_distance_model(model)
+    # clicks answered from the cell map (the annotation default for this model)
+    assert got["click_iou"] >= expected["click_iou"] - TOLERANCE, (got["click_iou"], expected)
+    # given to SAM as points, clicks are LiteMedSAM's, mask for mask: the prompt pathway is the base's
+    points = regression_figures(shared_data, load_model("cellseg", device="cpu"), clicks_from_map=False,
+                                automatic=False)
+    ref = regression_figures(shared_data, load_model("litemedsam", device="cpu"), automatic=False)
+    assert all(np.array_equal(a, b) for a, b in zip(points["masks"], ref["masks"]))
+    assert got["click_iou"] > points["click_iou"] + 0.05, (got["click_iou"], points["click_iou"])
 
 
 if __name__ == "__main__":  # print the figures for docs/model_card.md

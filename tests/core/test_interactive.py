@@ -431,3 +431,99 @@ def test_core_module_imports_no_gui():
             "bad = [k for k in ('qtpy', 'PyQt5', 'napari', 'magicgui') if k in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- clicks answered from the cell map
+
+
+@pytest.fixture
+def map_model(tiny_tinyvit, monkeypatch):
+    """A tiny model marked as a distance model whose 'network' is a perfect map of the bright rectangles.
+
+    Returns the model and the list of windows (crop shapes) the map was computed for.
+    """
+    from napari_cellseg.core import automatic as auto
+    from napari_cellseg.core import postprocess as pp
+    from scipy import ndimage as ndi
+
+    calls = []
+
+    def fake_map(image, model, config=None, channel=None, image01=None):
+        calls.append(image01.shape[:2])
+        yield auto.Progress(0, 1, "map")
+        cells, _ = ndi.label(image01[..., 0] > 0.5)
+        return pp.distance_targets(cells).astype(np.float32)
+
+    monkeypatch.setattr(auto, "predict_distance_map", fake_map)
+    return auto.as_distance_model(tiny_tinyvit, {"peak": 0.5, "fill": 0.09}), calls
+
+
+def test_a_click_becomes_the_grown_box_of_its_map_cell(map_model, image):
+    model, calls = map_model
+    seg = InteractiveSegmenter(model)
+    seg.set_image(image)
+    assert seg.map_guided()
+    # the map cell of the rectangle [40:80, 50:100] loses its zero border ring to the fill threshold
+    (guided,) = seg.guide_clicks([ObjectPrompt(points=[[60, 75]])])
+    assert guided.box is not None and len(guided.points) == 0
+    cell = (41, 51, 79, 99)  # rows 41..78, cols 51..98
+    mr, mc = 0.1 * (cell[2] - cell[0]), 0.1 * (cell[3] - cell[1])
+    np.testing.assert_allclose(guided.box, [cell[0] - mr, cell[1] - mc, cell[2] + mr, cell[3] + mc], atol=1.01)
+    # the map of a native window of the model's crop size around the click (the plane is 300 x 260)
+    assert calls == [(256, 256)]
+    # a second click well inside the same window (rows and cols 0-256) reuses its map ...
+    (again,) = seg.guide_clicks([ObjectPrompt(points=[[45, 60]])])
+    np.testing.assert_array_equal(again.box, guided.box)
+    assert len(calls) == 1
+    # ... one less than a quarter window from an inner edge gets a window of its own
+    (other,) = seg.guide_clicks([ObjectPrompt(points=[[220, 170]])])
+    assert other.box[0] < 200 < 240 < other.box[2] and len(calls) == 2
+
+
+def test_clicks_off_the_map_or_cancelled_by_a_negative_point_stay_points(map_model, image):
+    model, _ = map_model
+    seg = InteractiveSegmenter(model)
+    seg.set_image(image)
+    background = ObjectPrompt(points=[[150, 20]])
+    cancelled = ObjectPrompt(points=[[60, 75], [62, 70]], labels=[1, 0])
+    near = ObjectPrompt(points=[[38, 75]])  # 3 px above the map cell: within map_radius
+    out = seg.guide_clicks([background, cancelled, near])
+    assert out[0] is background and out[1] is cancelled
+    assert out[2].box is not None and out[2].box[0] < 41
+    strict = InteractiveSegmenter(model, config=AnnotationConfig(map_radius=0))
+    strict.set_image(image)
+    assert strict.guide_clicks([near])[0].box is None
+    # a negative point elsewhere is kept with the box
+    kept = seg.guide_clicks([ObjectPrompt(points=[[60, 75], [150, 20]], labels=[1, 0])])[0]
+    assert kept.box is not None and kept.points.tolist() == [[150.0, 20.0]] and kept.labels.tolist() == [0.0]
+
+
+def test_map_clicks_segment_and_run_reports_the_map(map_model, image):
+    model, calls = map_model
+    seg = InteractiveSegmenter(model)
+    seg.set_image(image)
+    gen = seg.run([ObjectPrompt(points=[[60, 75]])])
+    first = next(gen)
+    assert "cell map" in first.message
+    with pytest.raises(StopIteration) as stop:
+        while True:
+            next(gen)
+    (obj,) = stop.value.value
+    assert obj.window.contains((41, 51, 79, 99)) and len(calls) == 1
+    # the same answer through segment_many (the map is cached)
+    again = seg.segment_many([ObjectPrompt(points=[[60, 75]])])[0]
+    assert np.array_equal(again.to_full(image.shape), obj.to_full(image.shape)) and len(calls) == 1
+
+
+def test_map_clicks_are_off_for_models_without_a_map_and_when_asked(map_model, tiny_tinyvit, image):
+    model, calls = map_model
+    click = ObjectPrompt(points=[[60, 75]])
+    for m, cfg in ((tiny_tinyvit, AnnotationConfig()), (model, AnnotationConfig(clicks_from_map=False))):
+        seg = InteractiveSegmenter(m, config=cfg)
+        seg.set_image(image)
+        assert not seg.map_guided()
+        assert seg.guide_clicks([click])[0] is click
+        seg.segment(click)
+    assert calls == []
+    with pytest.raises(ValueError, match="map_radius"):
+        AnnotationConfig(map_radius=-1)

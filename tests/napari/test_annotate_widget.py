@@ -406,3 +406,33 @@ def test_rgb_image_and_a_target_that_cannot_hold_a_new_id(make_napari_viewer, qt
     finally:
         qtbot.waitUntil(lambda: widget._worker is None, timeout=TIMEOUT)
         widget.close()
+
+
+def test_a_click_is_answered_from_the_cell_map_of_a_distance_model(setup, qtbot, tiny_vit, monkeypatch):
+    """With a map model a click becomes its map cell's box (computed in the worker); the checkbox turns it off."""
+    from napari_cellseg.core import automatic as auto
+    from napari_cellseg.core import postprocess as pp
+    from scipy import ndimage as ndi
+
+    calls = []
+
+    def fake_map(image, model, config=None, channel=None, image01=None):  # a perfect map of the bright disks
+        calls.append(threading.current_thread() is threading.main_thread())
+        yield auto.Progress(0, 1, "map")
+        return pp.distance_targets(ndi.label(image01[..., 0] > 0.5)[0]).astype(np.float32)
+
+    monkeypatch.setattr(auto, "predict_distance_map", fake_map)
+    model = auto.as_distance_model(tiny_vit, {"peak": 0.5, "fill": 0.09})
+    viewer, make, image, labels, target = setup
+    widget = make(loader=lambda: model)
+    assert widget.map_check.isChecked() and widget.config.clicks_from_map
+    widget._activate_points()
+    widget._points_layer.add([_centroid(labels, 3)])
+    qtbot.waitUntil(lambda: _preview_ready(widget), timeout=TIMEOUT)
+    assert calls == [False]  # one map, computed in the worker
+    (obj,) = widget._current
+    assert obj.window.contains(_bbox(labels, 3))  # answered in the window of the cell's box, not of a point
+    widget.map_check.setChecked(False)
+    assert not widget.config.clicks_from_map
+    qtbot.waitUntil(lambda: _preview_ready(widget), timeout=TIMEOUT)
+    assert calls == [False]

@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zoom", action="store_true",
                         help="segment each prompt in an embedding of a window around it (the widget's "
                              "prompt-centred zoom) instead of one embedding of the whole image")
+    parser.add_argument("--no-map-clicks", action="store_true",
+                        help="give clicks to SAM as points even when the model predicts a cell map (by default "
+                             "such a model answers a click with its map cell's box, as the widget does)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--channel", type=int, default=None, help="channel of a multichannel image")
     parser.add_argument("--plane", type=int, default=None, help="plane of a 3D or time stack (first axis)")
@@ -118,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
 
     name = args.model or models.DEFAULT_MODEL  # read at run time: the catalogue's default may change
     model = models.load_model(name, device=args.device)
-    config = AnnotationConfig(zoom="auto" if args.zoom else "off", mask_threshold=args.mask_threshold)
+    config = AnnotationConfig(zoom="auto" if args.zoom else "off", mask_threshold=args.mask_threshold,
+                              clicks_from_map=not args.no_map_clicks)
     segmenter = InteractiveSegmenter(model, config=config)
     segmenter.set_image(image, channel=args.channel)
     objects = segmenter.segment_many(prompts)

@@ -223,6 +223,13 @@ class AnnotationWidget(QWidget):
             "Segment from an embedding of a window around the prompt at native resolution, instead of the "
             "whole image shrunk to the model input (LiteMedSAM: 256 px). Automatic: only where it helps."
         )
+        self.map_check = QCheckBox("Clicks from the cell map (distance models)")
+        self.map_check.setChecked(True)
+        self.map_check.setToolTip(
+            "With a model that predicts a cell map (the default cellseg), a click is answered by the cell the map "
+            "finds under it, drawn by SAM from that cell's box: LiteMedSAM's point pathway was never trained, "
+            "its box pathway was (docs/annotation.md). Off: the click goes to SAM as a point."
+        )
         self.disk_check = QCheckBox("Keep embeddings on disk")
         self.disk_check.setToolTip(f"Cache embeddings in {default_disk_dir()} so they survive a restart")
         self.threshold_spin = QDoubleSpinBox()
@@ -236,7 +243,7 @@ class AnnotationWidget(QWidget):
             "cached embedding."
         )
         self.threshold_spin.valueChanged.connect(self._on_settings_changed)
-        for box in (self.per_point_check, self.zoom_check, self.disk_check):
+        for box in (self.per_point_check, self.zoom_check, self.map_check, self.disk_check):
             box.toggled.connect(self._on_settings_changed)
         self.live_check.toggled.connect(self._on_settings_changed)
 
@@ -302,7 +309,7 @@ class AnnotationWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         for box in (self.live_check, self.per_point_check, self.overwrite_check, self.zoom_check,
-                    self.disk_check):
+                    self.map_check, self.disk_check):
             layout.addWidget(box)
         layout.addLayout(prompts_row)
         layout.addLayout(grid)
@@ -663,6 +670,7 @@ class AnnotationWidget(QWidget):
     def _on_settings_changed(self, *_) -> None:
         self.config = replace(self.config, zoom="auto" if self.zoom_check.isChecked() else "off",
                               disk_cache=self.disk_check.isChecked(),
+                              clicks_from_map=self.map_check.isChecked(),
                               mask_threshold=self._threshold_value())
         self.cache.disk_dir = default_disk_dir() if self.config.disk_cache else None
         self._generation += 1

@@ -142,6 +142,21 @@ class AnnotationConfig:
         so they survive a restart of napari.
     low, high : float
         Normalisation percentiles (see :func:`~napari_cellseg.core.preprocess.normalize_image`).
+    clicks_from_map : bool
+        For models that predict a cell distance map (the default ``cellseg``):
+        a click (positive points, no box) is answered from the map. The map is
+        computed in a native-resolution window around the click (the model's
+        training crop, 256 px) and cut into cells as the distance mode does;
+        the cell under the click, its box grown by 10 %, becomes a box prompt
+        (negative points are kept; a negative point on a map cell removes that
+        cell). A click where the map sees no cell stays a point prompt.
+        Reason: LiteMedSAM's point pathway was never trained (a click gives a
+        speckle), its box pathway was; measured on held-out images, click IoU
+        rises from 0.29 to 0.44 on phase contrast and from 0.01 to 0.61 on
+        fluorescent nuclei (docs/annotation.md).
+    map_radius : int
+        A click up to this many pixels outside every map cell takes the
+        nearest one.
 
     Examples
     --------
@@ -160,6 +175,8 @@ class AnnotationConfig:
     disk_cache: bool = False
     low: float = 1.0
     high: float = 99.8
+    clicks_from_map: bool = True
+    map_radius: int = 4
 
     def __post_init__(self) -> None:
         if self.zoom not in ("auto", "on", "off"):
@@ -172,6 +189,8 @@ class AnnotationConfig:
             raise ValueError(f"min_window must be at least 16 pixels, got {self.min_window}")
         if self.max_memory_mb < 0:
             raise ValueError("max_memory_mb must be >= 0")
+        if int(self.map_radius) < 0:
+            raise ValueError(f"map_radius must be >= 0 pixels, got {self.map_radius}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -941,6 +960,8 @@ class InteractiveSegmenter:
         self._channel: int | None = None
         self.image_key: str | None = None
         self._model_key: str | None = None
+        # cell maps for clicks: (image, model, normalisation, window) -> (distance map, regions)
+        self._maps: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
     # -- image -----------------------------------------------------------------
 
@@ -1108,6 +1129,139 @@ class InteractiveSegmenter:
         windows = self.tiles() if tiles else [Window.whole(self.image_shape)]
         return (yield from self._embed_all(windows, "embedding tile" if tiles else "embedding the plane"))
 
+    # -- clicks answered from the cell map ----------------------------------------
+
+    def map_guided(self) -> bool:
+        """Whether clicks on this plane are answered from the model's cell map (``clicks_from_map``)."""
+        from .automatic import MIN_IMAGE_SIDE, is_distance_model
+
+        return (bool(self.config.clicks_from_map) and is_distance_model(self.model)
+                and min(self.image_shape) >= MIN_IMAGE_SIDE)
+
+    def _map_config(self):
+        from .automatic import DistanceConfig, model_distance_defaults
+
+        return DistanceConfig(**model_distance_defaults(self.model))
+
+    def _map_key(self, window: Window) -> tuple:
+        return (self.image_key, self.model_key, self.norm_key, window)
+
+    def _cached_map_windows(self) -> list[Window]:
+        group = (self.image_key, self.model_key, self.norm_key)
+        return [k[3] for k in self._maps if k[:3] == group]
+
+    def map_window(self, point, candidates: Iterable[Window] = ()) -> Window:
+        """The window whose cell map answers a click at ``point`` (row, col).
+
+        A candidate (cached) window is reused when the click lies at least a
+        quarter of its side from each of its edges inside the plane; else a
+        new window of the model's crop size centred on the click.
+        """
+        shape = self.image_shape
+        side = int(self._map_config().crop_size)
+        r, c = float(point[0]), float(point[1])
+        room = side / 4
+        for w in sorted(candidates, key=lambda w: w.as_tuple()):
+            if ((w.r0 == 0 or r - w.r0 >= room) and (w.r1 == shape[0] or w.r1 - r >= room)
+                    and (w.c0 == 0 or c - w.c0 >= room) and (w.c1 == shape[1] or w.c1 - c >= room)
+                    and w.r0 <= r < w.r1 and w.c0 <= c < w.c1):
+                return w
+        r0 = int(np.clip(round(r - side / 2), 0, max(0, shape[0] - side)))
+        c0 = int(np.clip(round(c - side / 2), 0, max(0, shape[1] - side)))
+        return Window(r0, c0, min(r0 + side, shape[0]), min(c0 + side, shape[1]))
+
+    def cell_map(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """The distance map of a window and its cells (``labels_from_distance_map``), cached; blocking."""
+        from . import postprocess as pp
+        from .automatic import predict_distance_map
+        from .progress import run_to_completion
+
+        key = self._map_key(window)
+        if key in self._maps:
+            self._maps.move_to_end(key)
+            return self._maps[key]
+        cfg = self._map_config()
+        crop = np.ascontiguousarray(self._normalised()[window.slices])
+        with self._lock:
+            dmap = run_to_completion(predict_distance_map(None, self.model, cfg, image01=crop))
+        regions = pp.labels_from_distance_map(dmap, cfg.peak, cfg.fill, cfg.min_size, cfg.fill_holes)
+        self._maps[key] = (dmap, regions)
+        while len(self._maps) > 64:
+            self._maps.popitem(last=False)
+        return dmap, regions
+
+    @staticmethod
+    def _is_click(p: ObjectPrompt) -> bool:
+        return p.box is None and bool((p.labels > 0).any())
+
+    def missing_maps(self, prompts: Sequence[ObjectPrompt]) -> list[Window]:
+        """Map windows the clicks among ``prompts`` need that are not computed yet (no computation)."""
+        if not self.map_guided():
+            return []
+        cands = self._cached_map_windows()
+        out: list[Window] = []
+        for p in prompts:
+            if self._is_click(p):
+                w = self.map_window(p.positive.mean(axis=0), cands + out)
+                if w not in cands and w not in out:
+                    out.append(w)
+        return out
+
+    def guide_clicks(self, prompts: Sequence[ObjectPrompt]) -> list[ObjectPrompt]:
+        """The prompts with each click replaced by the box of its cell in the map (see ``clicks_from_map``).
+
+        Maps not computed yet are computed here (blocking; :meth:`run` computes
+        them first, with progress). Prompts with a box, and clicks on which the
+        map sees no cell, are returned unchanged.
+        """
+        prompts = list(prompts)
+        if not self.map_guided():
+            return prompts
+        shape = self.image_shape
+        out = []
+        for p in prompts:
+            if not self._is_click(p):
+                out.append(p)
+                continue
+            centre = p.positive.mean(axis=0)
+            window = self.map_window(centre, self._cached_map_windows())
+            cell = self._cell_under(p, window)
+            if cell is not None and window != (fresh := self.map_window(centre)) and _touches_inner_edge(
+                    cell, window, shape):
+                window, cell = fresh, self._cell_under(p, fresh)  # cut by a reused window's edge
+            if cell is None:
+                out.append(p)
+                continue
+            rows = np.flatnonzero(cell.any(axis=1))
+            cols = np.flatnonzero(cell.any(axis=0))
+            r0, c0 = window.offset
+            box = np.array([rows[0] + r0, cols[0] + c0, rows[-1] + 1 + r0, cols[-1] + 1 + c0], float)
+            mr = max(2.0, 0.1 * (box[2] - box[0]))
+            mc = max(2.0, 0.1 * (box[3] - box[1]))
+            box = np.array([max(0.0, box[0] - mr), max(0.0, box[1] - mc),
+                            min(float(shape[0]), box[2] + mr), min(float(shape[1]), box[3] + mc)])
+            negative = p.labels <= 0
+            out.append(ObjectPrompt(points=p.points[negative], labels=p.labels[negative], box=box))
+        return out
+
+    def _cell_under(self, p: ObjectPrompt, window: Window) -> np.ndarray | None:
+        """Union of the map cells under the prompt's positive points, less those under negative ones."""
+        _, regions = self.cell_map(window)
+        local = p.points - np.array(window.offset, float)
+        ids: set[int] = set()
+        for (r, c), lab in zip(local, p.labels):
+            if lab > 0:
+                k = _region_near(regions, r, c, int(self.config.map_radius))
+                if k:
+                    ids.add(k)
+        for (r, c), lab in zip(local, p.labels):
+            if lab <= 0:
+                k = _region_near(regions, r, c, 0)
+                ids.discard(k)
+        if not ids:
+            return None
+        return np.isin(regions, sorted(ids))
+
     # -- decoding ----------------------------------------------------------------
 
     def segment(self, prompt: ObjectPrompt) -> ObjectMask:
@@ -1162,7 +1316,11 @@ class InteractiveSegmenter:
         for i, p in enumerate(prompts):
             if p.is_empty:
                 raise ValueError(f"prompt {i} has neither a box nor a positive point")
-        windows = self.windows_for(prompts) if windows is None else list(windows)
+        if windows is None:
+            prompts = self.guide_clicks(prompts)
+            windows = self.windows_for(prompts)
+        else:
+            windows = list(windows)
         if len(windows) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(windows)} windows")
         groups: dict[tuple, list[int]] = {}
@@ -1226,6 +1384,11 @@ class InteractiveSegmenter:
         answer from those is yielded at once as ``Progress.data["objects"]``
         (with ``data["coarse"] = True``), then refined.
         """
+        maps = self.missing_maps(prompts)
+        for i, w in enumerate(maps):
+            yield Progress(i, len(maps), f"cell map around the click {i + 1}/{len(maps)}")
+            self.cell_map(w)
+        prompts = self.guide_clicks(prompts)
         missing = self.missing_windows(prompts)
         if missing and coarse_first:
             coarse = self.coarse_windows(prompts)
@@ -1234,7 +1397,32 @@ class InteractiveSegmenter:
                 yield Progress(0, len(missing), "first answer from a cached embedding; refining…",
                                data={"objects": objects, "coarse": True})
         yield from self._embed_all(missing, "embedding window")
-        return self.segment_many(prompts)
+        return self.segment_many(prompts, windows=self.windows_for(prompts))
+
+
+def _region_near(regions: np.ndarray, r: float, c: float, radius: int) -> int:
+    """The region at pixel (r, c), else the nearest one within ``radius`` pixels (0: none)."""
+    h, w = regions.shape
+    ri, ci = int(round(r)), int(round(c))
+    if not (0 <= ri < h and 0 <= ci < w):
+        return 0
+    if regions[ri, ci] or radius <= 0:
+        return int(regions[ri, ci])
+    r0, r1 = max(0, ri - radius), min(h, ri + radius + 1)
+    c0, c1 = max(0, ci - radius), min(w, ci + radius + 1)
+    patch = regions[r0:r1, c0:c1]
+    rr, cc = np.nonzero(patch)
+    if rr.size == 0:
+        return 0
+    d2 = (rr + r0 - ri) ** 2 + (cc + c0 - ci) ** 2
+    k = int(np.argmin(d2))
+    return int(patch[rr[k], cc[k]]) if d2[k] <= radius * radius else 0
+
+
+def _touches_inner_edge(mask: np.ndarray, window: Window, shape: Sequence[int]) -> bool:
+    """True when the mask (window-sized) reaches an edge of the window that is not the plane's border."""
+    return bool((window.r0 > 0 and mask[0].any()) or (window.r1 < shape[0] and mask[-1].any())
+                or (window.c0 > 0 and mask[:, 0].any()) or (window.c1 < shape[1] and mask[:, -1].any()))
 
 
 def segment_boxes(segmenter: InteractiveSegmenter, boxes: np.ndarray) -> list[ObjectMask]:
