@@ -377,6 +377,39 @@ def test_guided_mode_falls_back_to_the_watershed_regions(tiny_vit):
     assert calls["decoder"] == 1
 
 
+def test_guided_mode_prompt_choices(monkeypatch):
+    image, labels = _cells((64, 64), [(14, 14), (16, 45), (45, 20), (47, 48)], [8, 9, 7, 10])
+    dmap = np.where(labels > 0, 0.2 + 0.8 * pp.distance_targets(labels), 0).astype(np.float32)
+    model = random_model("vit_test", img_size=256)
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["points_rc"] is not None, kwargs["boxes_rc"] is not None))
+        yield from OracleDecoder(labels, [(slice(0, 64), slice(0, 64))])(*args, **kwargs)
+
+    monkeypatch.setattr(auto, "decode_prompts", spy)
+    run = auto.run_to_completion
+    default = run(auto.guided_from_map(image, dmap, model))
+    assert seen[-1] == (True, True) and default.candidates.mask_threshold == 0.0
+    boxes = run(auto.guided_from_map(image, dmap, model, auto.GuidedConfig(use_points=False, mask_threshold=-2)))
+    assert seen[-1] == (False, True) and boxes.candidates.mask_threshold == -2.0
+    assert _same_partition(boxes.labels, labels)
+    run(auto.guided_from_map(image, dmap, model, auto.GuidedConfig(use_boxes=False, use_points=False)))
+    assert seen[-1] == (True, False)  # without boxes the point is the prompt
+
+
+def test_guided_mask_threshold_grows_the_masks(tiny_vit):
+    image, labels = _cells((80, 80), [(20, 20), (55, 55)], [10, 12])
+    dmap = np.where(labels > 0, 0.2 + 0.8 * pp.distance_targets(labels), 0).astype(np.float32)
+    areas = {}
+    for t in (-4.0, 0.0, 4.0):
+        result = auto.run_to_completion(auto.guided_from_map(image, dmap, tiny_vit, auto.GuidedConfig(mask_threshold=t)))
+        cands = result.candidates
+        areas[t] = [cands.full_mask(k).area for k in range(len(cands))]
+    assert all(a >= b >= c for a, b, c in zip(areas[-4.0], areas[0.0], areas[4.0]))
+    assert sum(areas[-4.0]) > sum(areas[4.0])
+
+
 def test_guided_segmentation_with_a_distance_model(distance_model):
     image, _ = _cells((72, 72), [(20, 20), (50, 50)], [10, 12])
     result = auto.segment(image, distance_model, mode="guided")

@@ -286,7 +286,15 @@ class GuidedConfig(_Config):
         Cells whose answer is rejected, empty or smaller than ``min_size`` keep
         their watershed region.
     use_boxes : bool
-        Prompt with each region's padded box as well as its peak point.
+        Prompt with each region's padded box.
+    use_points : bool
+        Prompt with each region's peak point as well (without boxes the point
+        is always used).
+    mask_threshold : float
+        Logit threshold of SAM's masks (lower: larger masks). Measured with
+        ``cellseg`` on held-out images (docs/automatic.md): neither dropping
+        the point nor the annotation mode's -2 helps on every kind, so the
+        defaults stay SAM's.
     box_margin : float
         Boxes grow by this fraction of their size on each side; SAM's mask of a
         cell is clipped to its box.
@@ -300,6 +308,8 @@ class GuidedConfig(_Config):
     probability: float = 0.0
     fallback: bool = True
     use_boxes: bool = True
+    use_points: bool = True
+    mask_threshold: float = 0.0
     box_margin: float = 0.1
     min_size: int = pp.DEFAULT_MIN_AREA
     batch_size: int = 4
@@ -682,8 +692,10 @@ class MaskCandidates:
     image_shape : (M, N)
     """
 
-    def __init__(self, image_shape: tuple[int, int]) -> None:
+    def __init__(self, image_shape: tuple[int, int], mask_threshold: float = 0.0) -> None:
         self.image_shape = (int(image_shape[0]), int(image_shape[1]))
+        #: logit threshold of the masks (SAM's 0 unless the prompt model has its own, see guided mode)
+        self.mask_threshold = float(mask_threshold)
         self._scores: list[np.ndarray] = []
         self._stability: list[np.ndarray] = []
         self._areas: list[np.ndarray] = []
@@ -800,13 +812,13 @@ class MaskCandidates:
             flat = flat.copy()
             flat[:, max(valid_r, 0) :, :] = -1e4
             flat[:, :, max(valid_c, 0) :] = -1e4
-        masks = flat > 0
+        masks = flat > self.mask_threshold
         rows_any = masks.any(axis=2)
         cols_any = masks.any(axis=1)
         area_lr = masks.sum(axis=(1, 2))
         nonempty = area_lr > 0
         area = area_lr * step_r * step_c
-        stab = pp.stability_score(flat, 0.0, stability_offset)
+        stab = pp.stability_score(flat, self.mask_threshold, stability_offset)
         keep = np.ones(b * k, bool) if keep_empty else nonempty.copy()
         if max_area is not None:
             keep &= area <= max_area
@@ -885,7 +897,7 @@ class MaskCandidates:
                 wr = _interp_matrix(bottom - top, cr0 + lr_r0 * step_r - top, step_r, h)
                 wc = _interp_matrix(right - left, cc0 + lr_c0 * step_c - left, step_c, w)
                 up = wr @ logits @ wc.T
-                out = pp.CropMask(top, left, up > 0).tight()
+                out = pp.CropMask(top, left, up > self.mask_threshold).tight()
         self._cache[k] = out
         return out
 
@@ -1263,6 +1275,7 @@ def guided_from_map(
 
     cfg = config or GuidedConfig()
     cfg.validate()
+    use_points = cfg.use_points or not cfg.use_boxes
     image01, message = prepare_image(image, channel)
     shape = image01.shape[:2]
     dmap = np.asarray(distance_map, np.float32)
@@ -1271,7 +1284,7 @@ def guided_from_map(
     dc = cfg.distance
     th = {"peak": dc.peak, "fill": dc.fill, "probability": cfg.probability, "fallback": cfg.fallback,
           "min_size": cfg.min_size}
-    cands = MaskCandidates(shape)
+    cands = MaskCandidates(shape, mask_threshold=cfg.mask_threshold)
     if message:
         return GuidedResult("guided", np.zeros(shape, np.int32), message, th, prompt_model.name,
                             distance_map=dmap, regions=np.zeros(shape, np.int32), candidates=cands)
@@ -1304,7 +1317,7 @@ def guided_from_map(
         local_boxes[:, 2] = np.minimum(local_boxes[:, 2], crop[0].stop - crop[0].start)
         local_boxes[:, 3] = np.minimum(local_boxes[:, 3], crop[1].stop - crop[1].start)
         for idx, logits, scores in decode_prompts(
-            prompt_model, emb.features, emb.transform, points_rc=points[mine] - origin[:2],
+            prompt_model, emb.features, emb.transform, points_rc=points[mine] - origin[:2] if use_points else None,
             boxes_rc=local_boxes if cfg.use_boxes else None, multimask=False, batch_size=cfg.batch_size,
         ):
             sel = mine[idx]
