@@ -786,7 +786,9 @@ def test_keeping_the_base_prompt_path_keeps_the_trained_distance_map(tmp_path):
     assert any(".full.distance_neck." in k for k in kept)
     sam = copy.deepcopy(base.sam)
     ft.apply_adapter(sam, kept)
-    split = LoadedModel(name="split", sam=sam.eval(), device="cpu", entry=base.entry, meta=dict(result.model.meta))
+    split = LoadedModel(name="split", sam=sam.eval(), device="cpu", entry=base.entry,
+                        meta={**result.model.meta, "prompt_pathway": "base (unchanged)",
+                              "thresholds": {"peak": 0.4, "fill": 0.1, "smooth": 1.0}})
     a, b, c = _decode_outputs(split), _decode_outputs(base), _decode_outputs(result.model)
     for x, y in zip(a[:4], b[:4]):  # clicks and boxes: the base model's
         np.testing.assert_array_equal(x, y)
@@ -796,7 +798,20 @@ def test_keeping_the_base_prompt_path_keeps_the_trained_distance_map(tmp_path):
     # continuing with the distance recipe trains the distance path only
     trainer = ft.Finetuner(split, ft.make_training_data(image, labels),
                            ft.FinetuneConfig(recipe="distance", epochs=1, minutes=None, views=1, lr=1e-2, amp=False))
-    run_to_completion(trainer.run())
+    continued = run_to_completion(trainer.run())
     assert any(n.startswith("distance_neck.") for n in trainer.full_names)
     assert not any(n.startswith(("image_encoder.neck.", "mask_decoder.")) for n in trainer.full_names)
     assert any(n.startswith("distance_decoder.") for n in trainer.full_names)
+    # ... and the result still draws from prompts with the base's pathway
+    assert continued.meta["capabilities"] == ["distance", "prompt", "grid"]
+    assert continued.meta["prompt_pathway"] == "base (unchanged)"
+    # continuing with the prompt recipe keeps the map (and its thresholds); the prompt pathway is now trained
+    prompted = run_to_completion(ft.finetune(split, ft.make_training_data(image, labels), ft.FinetuneConfig(
+        recipe="prompt", epochs=1, minutes=None, views=1, lr=1e-2, amp=False)))
+    assert prompted.meta["output"] == "distance" and prompted.meta["capabilities"] == ["distance", "prompt", "grid"]
+    assert prompted.meta["thresholds"] == {"peak": 0.4, "fill": 0.1, "smooth": 1.0}
+    assert "prompt_pathway" not in prompted.meta
+    # a plain distance recipe replaces the mask decoder's answers: no prompt capability
+    plain = run_to_completion(ft.finetune(base, ft.make_training_data(image, labels), ft.FinetuneConfig(
+        recipe="distance", epochs=1, minutes=None, views=1, lr=1e-2, amp=False, refiner=False)))
+    assert plain.meta["capabilities"] == ["distance"]

@@ -527,3 +527,23 @@ def test_map_clicks_are_off_for_models_without_a_map_and_when_asked(map_model, t
     assert calls == []
     with pytest.raises(ValueError, match="map_radius"):
         AnnotationConfig(map_radius=-1)
+
+
+def test_a_model_that_cannot_draw_from_prompts_answers_a_click_with_its_map_cell(map_model, image):
+    from dataclasses import replace
+
+    from napari_cellseg.core.progress import run_to_completion
+
+    model, calls = map_model
+    mapper = replace(model, entry=replace(model.entry, capabilities=("distance",)))  # a distance-recipe adapter
+    seg = InteractiveSegmenter(mapper)
+    seg.set_image(image)
+    objs = list(run_to_completion(seg.run([ObjectPrompt(points=[[60, 75]]), ObjectPrompt(points=[[220, 170]])])))
+    cells = [np.zeros(image.shape, bool), np.zeros(image.shape, bool)]
+    cells[0][41:79, 51:99] = True  # the map cells (the rectangles less their zero border ring)
+    cells[1][201:239, 151:189] = True
+    for obj, cell in zip(objs, cells):
+        assert np.array_equal(obj.to_full(image.shape), cell)
+    assert [o.prompt_index for o in objs] == [0, 1]
+    assert len(seg.cache) == 0  # no embedding was computed: the decoder never ran
+    assert len(calls) == 2

@@ -1901,7 +1901,19 @@ class Finetuner:
             "data": self.train.summary,
             "metrics": metrics,
         }
-        output = "distance" if cfg.recipe in DISTANCE_RECIPES else "mask"
+        from .distance_head import get_distance_decoder
+
+        prev = self.base_model.meta or {}
+        # a base whose map has its own decoder (joint-trained, the packaged cellseg) keeps both abilities
+        # whichever recipe continues it
+        own_head = get_distance_decoder(self.base_model.sam) is not None and prev.get("output") == "distance"
+        output = "distance" if cfg.recipe in DISTANCE_RECIPES or own_head else "mask"
+        if cfg.recipe == "joint" or own_head:
+            capabilities = ["distance", "prompt", "grid"]
+        elif cfg.recipe == "distance":
+            capabilities = ["distance"]  # the map replaced the mask decoder's answers
+        else:
+            capabilities = ["prompt", "grid"]
         meta = {
             "format": ADAPTER_FORMAT,
             "version": ADAPTER_VERSION,
@@ -1910,8 +1922,7 @@ class Finetuner:
             "input_size": self.input_size,
             "recipe": cfg.recipe,
             "output": output,
-            "capabilities": {"distance": ["distance"], "joint": ["distance", "prompt", "grid"]}.get(
-                cfg.recipe, ["prompt", "grid"]),
+            "capabilities": capabilities,
             "crop_size": cfg.crop_size,
             "config": cfg.to_dict(),
             "data": self.train.summary,
@@ -1921,7 +1932,10 @@ class Finetuner:
             "stages": self.prev_stages + [stage],
         }
         if output == "distance":
-            meta["thresholds"] = dict(cfg.thresholds or DEFAULT_DISTANCE_THRESHOLDS)
+            inherited = prev.get("thresholds") if cfg.recipe not in DISTANCE_RECIPES else None
+            meta["thresholds"] = dict(cfg.thresholds or inherited or DEFAULT_DISTANCE_THRESHOLDS)
+        if cfg.recipe not in PROMPT_RECIPES and prev.get("prompt_pathway"):
+            meta["prompt_pathway"] = prev["prompt_pathway"]  # this stage did not train the prompt pathway
         return meta
 
     def _checkpoint_state(self, rng, epoch: int, elapsed_train: float, views_done: int) -> dict:

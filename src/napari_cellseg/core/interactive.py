@@ -55,7 +55,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Generator, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -149,7 +149,10 @@ class AnnotationConfig:
         training crop, 256 px) and cut into cells as the distance mode does;
         the cell under the click, its box grown by 10 %, becomes a box prompt
         (negative points are kept; a negative point on a map cell removes that
-        cell). A click where the map sees no cell stays a point prompt.
+        cell). A click where the map sees no cell stays a point prompt. A
+        model that cannot draw from prompts (a ``distance``-recipe adapter,
+        whose mask decoder now draws the map) answers a click with the map
+        cell itself.
         Reason: LiteMedSAM's point pathway was never trained (a click gives a
         speckle), its box pathway was; measured on held-out images, click IoU
         rises from 0.29 to 0.44 on phase contrast and from 0.01 to 0.61 on
@@ -431,11 +434,16 @@ class ObjectPrompt:
         1 positive, 0 negative.
     box : ndarray, shape (4,) or None
         ``(r0, c0, r1, c1)``, exclusive ends.
+    answer : ObjectMask or None
+        Set by :meth:`InteractiveSegmenter.guide_clicks` when the cell map
+        itself answers the prompt (models that cannot draw from prompts); no
+        decoder pass is made for it.
     """
 
     points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     labels: np.ndarray = field(default_factory=lambda: np.zeros((0,)))
     box: np.ndarray | None = None
+    answer: ObjectMask | None = None
 
     def __post_init__(self) -> None:
         self.points = np.asarray(self.points, float).reshape(-1, 2)
@@ -1046,6 +1054,9 @@ class InteractiveSegmenter:
         cands = set(self.cached_windows()) if self.zoom_active() else set()
         out = []
         for p in prompts:
+            if p.answer is not None:  # answered by the map: its window, no embedding
+                out.append(p.answer.window)
+                continue
             w = self.window_for(p, cands)
             cands.add(w)  # later prompts may reuse a window chosen for an earlier one
             out.append(w)
@@ -1054,8 +1065,8 @@ class InteractiveSegmenter:
     def missing_windows(self, prompts: Sequence[ObjectPrompt]) -> list[Window]:
         """Windows the prompts need that are not cached yet (no computation)."""
         seen = []
-        for w in self.windows_for(prompts):
-            if w not in seen and self.key_for(w) not in self.cache:
+        for p, w in zip(prompts, self.windows_for(prompts)):
+            if p.answer is None and w not in seen and self.key_for(w) not in self.cache:
                 seen.append(w)
         return seen
 
@@ -1241,8 +1252,18 @@ class InteractiveSegmenter:
             box = np.array([max(0.0, box[0] - mr), max(0.0, box[1] - mc),
                             min(float(shape[0]), box[2] + mr), min(float(shape[1]), box[3] + mc)])
             negative = p.labels <= 0
-            out.append(ObjectPrompt(points=p.points[negative], labels=p.labels[negative], box=box))
+            answer = None
+            if not self._draws_prompts():
+                dmap, _ = self.cell_map(window)
+                crop, off = _tight(cell, window.offset)
+                answer = ObjectMask(mask=crop, offset=off, score=float(dmap[cell].max()), window=window)
+            out.append(ObjectPrompt(points=p.points[negative], labels=p.labels[negative], box=box, answer=answer))
         return out
+
+    def _draws_prompts(self) -> bool:
+        """False for models whose mask decoder was retrained to draw the map (no ``"prompt"`` capability)."""
+        entry = getattr(self.model, "entry", None)
+        return "prompt" in tuple(getattr(entry, "capabilities", ("prompt",)))
 
     def _cell_under(self, p: ObjectPrompt, window: Window) -> np.ndarray | None:
         """Union of the map cells under the prompt's positive points, less those under negative ones."""
@@ -1277,6 +1298,9 @@ class InteractiveSegmenter:
         cands = sorted(self.cached_windows(), key=lambda w: (w.side, w.as_tuple()))
         out: list[Window | None] = []
         for p in prompts:
+            if p.answer is not None:
+                out.append(p.answer.window)
+                continue
             ext = p.extent()
             found = None
             if ext is not None:
@@ -1324,10 +1348,13 @@ class InteractiveSegmenter:
         if len(windows) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(windows)} windows")
         groups: dict[tuple, list[int]] = {}
+        out: list[ObjectMask | None] = [None] * len(prompts)
         for i, (p, w) in enumerate(zip(prompts, windows)):
+            if p.answer is not None:
+                out[i] = replace(p.answer, prompt_index=i)
+                continue
             single = p.box is None and len(p.points) == 1
             groups.setdefault((w, p.box is not None, single), []).append(i)
-        out: list[ObjectMask | None] = [None] * len(prompts)
         for (w, has_box, single), idx in groups.items():
             emb = self.embedding(w)
             for start in range(0, len(idx), batch_size):
