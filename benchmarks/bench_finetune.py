@@ -16,7 +16,9 @@ unchanged. Every figure comes from the product's own code paths:
   image give AP, and the mean IoU of each click's mask with its cell is
   reported too;
 * distance: the automatic distance mode (:func:`napari_cellseg.core.automatic.segment`,
-  the model's own thresholds), for models that have one.
+  the model's own thresholds), for models that have one;
+* grid: CellSeg1's automatic mode (32 x 32 point grid, the IoU head read as
+  cell probability), for models that draw from prompts.
 
 Adapters are written to a temporary model folder (``$NAPARI_CELLSEG_CACHE`` is
 pointed there unless ``--keep`` names a folder), never the user's.
@@ -110,13 +112,13 @@ def eval_clicks(model, image: np.ndarray, gt: np.ndarray, cells: int | None = No
     return {"ap50": s50.ap, "ap75": s75.ap, "click_iou": float(np.mean(ious)), "n_cells": len(clicks)}
 
 
-def eval_distance(model, image: np.ndarray, gt: np.ndarray) -> dict:
-    """The automatic distance mode as the widget and ``napari-cellseg segment`` run it (the model's thresholds)."""
+def eval_automatic(model, image: np.ndarray, gt: np.ndarray, mode: str) -> dict:
+    """An automatic mode (distance or grid) as the widget and ``napari-cellseg segment`` run it (model defaults)."""
     from napari_cellseg.core import automatic as auto
     from napari_cellseg.core.metrics import average_precision
 
     t0 = time.perf_counter()
-    result = auto.segment(image, model, mode="distance")
+    result = auto.segment(image, model, mode=mode)
     seconds = time.perf_counter() - t0
     s50, s75 = average_precision(gt, result.labels, (0.5, 0.75))
     return {"ap50": s50.ap, "ap75": s75.ap, "n_pred": int(result.n_cells), "seconds": round(seconds, 1),
@@ -136,8 +138,9 @@ def markdown(report: dict) -> str:
         + ", ".join(f"train_set{k}" for k in report["val_sets"])
         + (f"; clicks on {report['cells']} sampled cells per image" if report.get("cells") else ""),
         "",
-        "| model | training | click AP@0.5 | click AP@0.75 | click IoU | distance AP@0.5 | distance AP@0.75 |",
-        "|---|---|---|---|---|---|---|",
+        "| model | training | click AP@0.5 | click AP@0.75 | click IoU | distance AP@0.5 | distance AP@0.75 "
+        "| grid AP@0.5 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     summary = report["summary"]
     for name in report["models"]:
@@ -145,13 +148,15 @@ def markdown(report: dict) -> str:
         training = (f"{run['wall_s']:.0f} s, {run['steps']} steps" if run else "none (zero-shot)")
         c = summary.get("clicks", {}).get(name, {})
         d = summary.get("distance", {}).get(name, {})
-        cells = [c.get("ap50"), c.get("ap75"), c.get("click_iou"), d.get("ap50"), d.get("ap75")]
+        g = summary.get("grid", {}).get(name, {})
+        cells = [c.get("ap50"), c.get("ap75"), c.get("click_iou"), d.get("ap50"), d.get("ap75"), g.get("ap50")]
         lines.append(f"| {name} | {training} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in cells)
                      + " |")
     lines += ["", "AP = TP / (TP + FP + FN) at IoU 0.5 / 0.75, mean over the held-out images. Clicks: one at each "
               "cell's innermost pixel through the annotation engine (clicks of distance models are answered from "
-              "their cell map); distance: the automatic distance mode with the model's own thresholds; '-': the "
-              "model has no distance mode."]
+              "their cell map); distance: the automatic distance mode with the model's own thresholds; grid: "
+              "CellSeg1's 32 x 32 point grid with its defaults (probability 0.8, stability 0.6), for models "
+              "that draw from prompts; '-': the model has no such mode."]
     return "\n".join(lines)
 
 
@@ -167,7 +172,7 @@ def main(argv=None) -> int:
     parser.add_argument("--base", nargs="+", default=["litemedsam"],
                         help="base model(s) to fine-tune (catalogue names), each with every recipe")
     parser.add_argument("--config", default="{}", help="JSON of extra FinetuneConfig fields for both recipes")
-    parser.add_argument("--modes", default="clicks,distance", help="evaluations to run")
+    parser.add_argument("--modes", default="clicks,distance,grid", help="evaluations to run")
     parser.add_argument("--cells", type=int, default=None,
                         help="clicks on this many cells per held-out image (default: every cell)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -232,19 +237,21 @@ def main(argv=None) -> int:
     for k in val_sets:
         img, gt = read_pair(args.data, k)
         gt = clean_labels(gt)
-        row: dict = {"clicks": {}, "distance": {}}
+        row: dict = {"clicks": {}, "distance": {}, "grid": {}}
         for name, model in models.items():
             if "clicks" in args.modes:
                 row["clicks"][name] = eval_clicks(model, img, gt, args.cells)
             if "distance" in args.modes and auto.is_distance_model(model):
-                row["distance"][name] = eval_distance(model, img, gt)
+                row["distance"][name] = eval_automatic(model, img, gt, "distance")
+            if "grid" in args.modes and "prompt" in model.entry.capabilities:
+                row["grid"][name] = eval_automatic(model, img, gt, "grid")
         per_image[k] = row
         print(f"set {k}: " + json.dumps({m: {n: round(v["ap50"], 3) for n, v in r.items()} for m, r in row.items()}),
               file=sys.stderr)
     report["eval_seconds"] = round(time.monotonic() - t_eval, 1)
     report["per_image"] = per_image
     summary: dict = {}
-    for mode in ("clicks", "distance"):
+    for mode in ("clicks", "distance", "grid"):
         for name in models:
             vals = [per_image[k][mode][name] for k in per_image if name in per_image[k][mode]]
             if vals:

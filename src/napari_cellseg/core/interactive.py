@@ -155,7 +155,7 @@ class AnnotationConfig:
         cell itself.
         Reason: LiteMedSAM's point pathway was never trained (a click gives a
         speckle), its box pathway was; measured on held-out images, click IoU
-        rises from 0.29 to 0.44 on phase contrast and from 0.01 to 0.61 on
+        rises from 0.29 to 0.39 on phase contrast and from 0.01 to 0.60 on
         fluorescent nuclei (docs/annotation.md).
     map_radius : int
         A click up to this many pixels outside every map cell takes the
