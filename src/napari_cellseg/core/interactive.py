@@ -1225,6 +1225,8 @@ class InteractiveSegmenter:
         them first, with progress). Prompts with a box, and clicks on which the
         map sees no cell, are returned unchanged.
         """
+        from . import postprocess as pp
+
         prompts = list(prompts)
         if not self.map_guided():
             return prompts
@@ -1243,18 +1245,13 @@ class InteractiveSegmenter:
             if cell is None:
                 out.append(p)
                 continue
-            rows = np.flatnonzero(cell.any(axis=1))
-            cols = np.flatnonzero(cell.any(axis=0))
-            r0, c0 = window.offset
-            box = np.array([rows[0] + r0, cols[0] + c0, rows[-1] + 1 + r0, cols[-1] + 1 + c0], float)
-            mr = max(2.0, 0.1 * (box[2] - box[0]))
-            mc = max(2.0, 0.1 * (box[3] - box[1]))
-            box = np.array([max(0.0, box[0] - mr), max(0.0, box[1] - mc),
-                            min(float(shape[0]), box[2] + mr), min(float(shape[1]), box[3] + mc)])
+            dmap, _ = self.cell_map(window)
+            # the guided mode's box: grown by 10 % (at least 2 px), clipped to the window
+            _, _, boxes = pp.region_prompts(cell.astype(np.int32), dmap, margin=0.1)
+            box = boxes[0] + np.tile(window.offset, 2)
             negative = p.labels <= 0
             answer = None
             if not self._draws_prompts():
-                dmap, _ = self.cell_map(window)
                 crop, off = _tight(cell, window.offset)
                 answer = ObjectMask(mask=crop, offset=off, score=float(dmap[cell].max()), window=window)
             out.append(ObjectPrompt(points=p.points[negative], labels=p.labels[negative], box=box, answer=answer))
