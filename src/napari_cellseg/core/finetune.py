@@ -1077,11 +1077,7 @@ def encoder_before_neck(encoder, x):
     from .tinyvit import TinyViTEncoder
 
     if isinstance(encoder, TinyViTEncoder):
-        h = encoder.patch_embed.seq(x)
-        for stage in encoder.layers:
-            h = stage(h)
-        b, _, c = h.shape
-        return h.transpose(1, 2).reshape(b, c, encoder.out_grid, encoder.out_grid)
+        return encoder.features(x)
     h = encoder.patch_embed(x)
     if encoder.pos_embed is not None:
         h = h + encoder.pos_embed
