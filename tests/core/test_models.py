@@ -202,3 +202,23 @@ def test_xxh128_checksums_are_supported(tmp_path):
     models.verify_hash(path, "xxh128:" + file_hash(path, "xxh128"))
     with pytest.raises(ValueError, match="checksum mismatch"):
         models.verify_hash(path, "xxh128:" + "0" * 32)
+
+
+def test_encoder_precision_is_checked_and_shares_the_network(monkeypatch):
+    assert models.check_precision("bf16") == "bfloat16" and models.check_precision("Float32") == "float32"
+    with pytest.raises(ValueError, match="float32, bfloat16"):
+        models.check_precision("fp8")
+    monkeypatch.delenv(models.PRECISION_ENV, raising=False)
+    assert models.default_precision() == "float32"
+    monkeypatch.setenv(models.PRECISION_ENV, "bf16")
+    assert models.default_precision() == "bfloat16"
+    monkeypatch.setenv(models.PRECISION_ENV, "half")
+    with pytest.raises(ValueError, match=r"\$NAPARI_CELLSEG_PRECISION: unknown precision 'half'"):
+        load_model("litemedsam", device="cpu")
+    monkeypatch.delenv(models.PRECISION_ENV)
+    fp32 = load_model("litemedsam", device="cpu")
+    bf16 = load_model("litemedsam", device="cpu", precision="bfloat16")
+    assert fp32.precision == "float32" and bf16.precision == "bfloat16"
+    assert bf16.sam is fp32.sam  # one network in memory, two ways of running its encoder
+    assert "bfloat16 encoder" in bf16.describe() and "bfloat16" not in fp32.describe()
+    assert bf16.with_precision("float32").precision == "float32" and fp32.with_precision(None) is fp32

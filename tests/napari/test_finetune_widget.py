@@ -38,7 +38,8 @@ def test_widget_defaults_follow_the_viewer(viewer_with_cells):
     assert widget.image_combo.currentText() == "cells"
     assert widget.labels_combo.currentText() == "cells labels"
     assert widget.base_combo.currentText() == ckpt  # the session's model
-    assert widget.name_edit.text() == "cells-prompt"
+    assert widget.recipe_combo.currentData() == "distance"  # the recipe that pays in minutes on a CPU
+    assert widget.name_edit.text() == "cells-distance"
     viewer.add_labels(np.zeros((96, 96), np.uint8), name="more")
     assert widget.labels_combo.findText("more") >= 0
 
@@ -46,6 +47,7 @@ def test_widget_defaults_follow_the_viewer(viewer_with_cells):
 def test_train_in_a_worker_then_cancel_keeps_the_best(viewer_with_cells, qtbot):
     viewer, image, labels, ckpt = viewer_with_cells
     widget = FinetuneWidget(viewer)
+    widget.recipe_combo.setCurrentIndex(widget.recipe_combo.findData("prompt"))
     widget.budget_combo.setCurrentText("epochs")
     widget.epochs_spin.setValue(100000)
     widget.region_combo.setCurrentText(REGION_EXTENT)

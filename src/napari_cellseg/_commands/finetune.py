@@ -28,9 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labels of the preceding --val-image")
     parser.add_argument("--base", default=None,
                         help="model to start from (default: the default model); an adapter continues its training")
-    parser.add_argument("--recipe", choices=["prompt", "distance", "joint"], default="prompt",
-                        help="prompt: CellSeg1 LoRA for clicks, boxes and grid mode; distance: SAMCell distance "
-                             "maps for the automatic distance mode; joint: both in one model")
+    parser.add_argument("--recipe", choices=["prompt", "distance", "joint"], default="distance",
+                        help="distance (default: the recipe that pays in minutes on a CPU): SAMCell distance maps "
+                             "for the automatic modes, clicks answered from the map; prompt: CellSeg1 LoRA for "
+                             "clicks, boxes and grid mode (needs long runs or a GPU); joint: both in one model")
     parser.add_argument("--minutes", type=float, default=None, help="time budget (default 10 without --epochs)")
     parser.add_argument("--epochs", type=int, default=None, help="passes over the cached views")
     parser.add_argument("--region", default=None, metavar="R0,C0,R1,C1|extent",

@@ -51,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="give clicks to SAM as points even when the model predicts a cell map (by default "
                              "such a model answers a click with its map cell's box, as the widget does)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--precision", choices=["float32", "bfloat16"], default=None,
+                        help="arithmetic of the image encoder: bfloat16 is about 2x faster on CPUs with native "
+                             "bfloat16 and on recent GPUs, slightly different masks (default: "
+                             "$NAPARI_CELLSEG_PRECISION or float32)")
     parser.add_argument("--channel", type=int, default=None, help="channel of a multichannel image")
     parser.add_argument("--plane", type=int, default=None, help="plane of a 3D or time stack (first axis)")
     parser.add_argument("--out", required=True, help="output label image (TIFF)")
@@ -120,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     prompts += [ObjectPrompt(points=np.vstack([[p], neg]), labels=np.r_[1.0, neg_labels]) for p in args.point]
 
     name = args.model or models.DEFAULT_MODEL  # read at run time: the catalogue's default may change
-    model = models.load_model(name, device=args.device)
+    model = models.load_model(name, device=args.device, precision=args.precision)
     config = AnnotationConfig(zoom="auto" if args.zoom else "off", mask_threshold=args.mask_threshold,
                               clicks_from_map=not args.no_map_clicks)
     segmenter = InteractiveSegmenter(model, config=config)

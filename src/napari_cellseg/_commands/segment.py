@@ -33,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-model", default=None,
                         help="guided mode: the model that draws the cells (default: --model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--precision", choices=["float32", "bfloat16"], default=None,
+                        help="arithmetic of the image encoder: bfloat16 is about 2x faster on CPUs with native "
+                             "bfloat16 and on recent GPUs, slightly different masks (default: "
+                             "$NAPARI_CELLSEG_PRECISION or float32)")
     parser.add_argument("--channel", type=int, default=None, help="channel of multichannel images (last axis)")
     dist = parser.add_argument_group("distance and guided modes")
     dist.add_argument("--peak", type=float, default=None, help="cell-peak threshold (0.47, or the model's own)")
@@ -143,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("nothing to segment: " + "; ".join(problems))
 
     # the catalogue's default model, read at run time (a fine-tuned default replaces LiteMedSAM there)
-    model = models.load_model(args.model or models.DEFAULT_MODEL, device=args.device)
+    model = models.load_model(args.model or models.DEFAULT_MODEL, device=args.device, precision=args.precision)
     if args.output == "distance":
         model = auto.as_distance_model(model)
     mode = args.mode or auto.default_mode(model)
@@ -151,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         auto.require_distance_model(model, mode)
     prompt_model = None
     if mode == "guided" and args.prompt_model:
-        prompt_model = models.load_model(args.prompt_model, device=args.device)
+        prompt_model = models.load_model(args.prompt_model, device=args.device, precision=args.precision)
     config = auto.make_config(mode, model, **_settings(args, mode))
     out_dir = Path(args.out).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,9 @@ class Session:
         Catalogue name or checkpoint path.
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"mps"``.
+    precision : str or None
+        Arithmetic of the image encoder (``"float32"`` or ``"bfloat16"``); None:
+        :func:`~napari_cellseg.core.models.load_model`'s default.
 
     Signals
     -------
@@ -36,13 +39,17 @@ class Session:
     def __init__(self) -> None:
         self.model_name: str = DEFAULT_MODEL
         self.device: str = "auto"
+        self.precision: str | None = None
 
-    def select(self, model_name: str, device: str | None = None) -> None:
-        """Choose a model (and optionally a device); listeners hear about it."""
-        changed = model_name != self.model_name or (device is not None and device != self.device)
+    def select(self, model_name: str, device: str | None = None, precision: str | None = None) -> None:
+        """Choose a model (and optionally a device and encoder precision); listeners hear about it."""
+        changed = (model_name != self.model_name or (device is not None and device != self.device)
+                   or (precision is not None and precision != self.precision))
         self.model_name = model_name
         if device is not None:
             self.device = device
+        if precision is not None:
+            self.precision = precision
         if changed:
             self.model_changed.emit(model_name)
 
@@ -50,7 +57,7 @@ class Session:
         """Load (or take from the cache) the selected model. Call from a worker thread."""
         from napari_cellseg.core.models import load_model
 
-        return load_model(self.model_name, device=self.device, progress=progress)
+        return load_model(self.model_name, device=self.device, progress=progress, precision=self.precision)
 
 
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -524,7 +524,9 @@ def crop_distance_maps(model: LoadedModel, crops01: list[np.ndarray]) -> list[np
         tensors.append(t)
     x = torch.cat(tensors).to(model.device)
     with torch.inference_mode():
-        features = distance_features(sam, _encoder_input(sam, x))
+        with model.encoder_autocast():
+            features = distance_features(sam, _encoder_input(sam, x))
+        features = features.float()
         logits = distance_logits(sam, features, x).float()
         h = logits.shape[-1]
         rows, cols = transform.resized_shape

@@ -679,7 +679,8 @@ def model_fingerprint(model: LoadedModel) -> str:
         fp = h.hexdigest()
         with _FP_LOCK:
             _FINGERPRINTS[sam] = fp
-    return fp
+    # a bfloat16 encoder gives other embeddings than a float32 one: they must not share a cache entry
+    return fp if model.precision == "float32" else f"{fp}-{model.precision}"
 
 
 @dataclass(frozen=True)

@@ -587,6 +587,31 @@ def resolve_device(device: str | None = "auto") -> str:
     return dev
 
 
+#: arithmetic of the image encoder at inference (``LoadedModel.precision``)
+PRECISIONS = ("float32", "bfloat16")
+#: environment variable giving the default precision of :func:`load_model`
+PRECISION_ENV = "NAPARI_CELLSEG_PRECISION"
+
+
+def check_precision(precision: str) -> str:
+    """Validate an encoder precision name; ``"bf16"`` and ``"fp32"`` are accepted as aliases."""
+    value = {"bf16": "bfloat16", "fp32": "float32"}.get(str(precision).strip().lower(), str(precision).strip().lower())
+    if value not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    return value
+
+
+def default_precision() -> str:
+    """The precision :func:`load_model` uses when none is given: ``$NAPARI_CELLSEG_PRECISION`` or float32."""
+    value = os.environ.get(PRECISION_ENV, "").strip()
+    if not value:
+        return "float32"
+    try:
+        return check_precision(value)
+    except ValueError as err:
+        raise ValueError(f"${PRECISION_ENV}: {err}") from None
+
+
 @dataclass
 class LoadedModel:
     """A SAM-family network ready for inference.
@@ -601,6 +626,12 @@ class LoadedModel:
     entry : ModelEntry
     meta : dict
         Extra facts (fine-tuning recipe, output kind, default thresholds).
+    precision : {"float32", "bfloat16"}
+        Arithmetic of the image encoder at inference. ``"bfloat16"`` runs it
+        under bfloat16 autocast (about 2x faster on CPUs with native bfloat16,
+        e.g. AVX-512 BF16 or AMX, and on recent GPUs; slower on CPUs without
+        it); the embedding is returned as float32 and everything after the
+        encoder stays float32. See :func:`load_model`.
     """
 
     name: str
@@ -608,6 +639,24 @@ class LoadedModel:
     device: str
     entry: ModelEntry
     meta: dict = field(default_factory=dict)
+    precision: str = "float32"
+
+    def encoder_autocast(self):
+        """Context manager for image-encoder calls: bfloat16 autocast when ``precision`` asks for it."""
+        import contextlib
+
+        if self.precision == "float32":
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16)
+
+    def with_precision(self, precision: str | None) -> LoadedModel:
+        """This model (the same network, shared) with another encoder ``precision`` (None: unchanged)."""
+        precision = check_precision(precision or self.precision)
+        if precision == self.precision:
+            return self
+        return replace(self, precision=precision)
 
     @property
     def input_size(self) -> int:
@@ -619,8 +668,9 @@ class LoadedModel:
 
     def describe(self) -> str:
         """One line for a status bar: name, architecture and device."""
+        arithmetic = "" if self.precision == "float32" else f", {self.precision} encoder"
         return f"{self.entry.name if self.entry.source != 'file' else Path(self.name).name} " \
-               f"({self.entry.architecture or 'sam'}, {self.input_size} px) on {self.device}"
+               f"({self.entry.architecture or 'sam'}, {self.input_size} px{arithmetic}) on {self.device}"
 
 
 #: callables that finish loading special entries (adapters): (entry, device) -> LoadedModel
@@ -649,7 +699,7 @@ def build_from_state(state: dict[str, Any], architecture: str | None = None, wha
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: str | None = "auto",
-               progress: bool = True, use_cache: bool = True) -> LoadedModel:
+               progress: bool = True, use_cache: bool = True, precision: str | None = None) -> LoadedModel:
     """Load a catalogue model or a checkpoint file, cached per (name, device).
 
     Parameters
@@ -663,6 +713,10 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | None
         Show a download progress bar when the weights must be fetched.
     use_cache : bool
         Reuse an already loaded model of the same name and device.
+    precision : {"float32", "bfloat16"}, optional
+        Arithmetic of the image encoder (:attr:`LoadedModel.precision`); default
+        ``$NAPARI_CELLSEG_PRECISION``, else float32. The network is shared
+        between precisions.
 
     Examples
     --------
@@ -672,12 +726,13 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | None
     """
     if name_or_path is None:
         name_or_path = DEFAULT_MODEL
+    precision = check_precision(precision) if precision is not None else default_precision()
     entry = get_entry(name_or_path)
     dev = resolve_device(device)
     key = (entry.name, dev)
     with _CACHE_LOCK:
         if use_cache and key in _CACHE:
-            return _CACHE[key]
+            return _CACHE[key].with_precision(precision)
     if entry.source in _ENTRY_LOADERS:
         loaded = _ENTRY_LOADERS[entry.source](entry, dev)
     else:
@@ -693,7 +748,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | None
     if use_cache:
         with _CACHE_LOCK:
             _CACHE[key] = loaded
-    return loaded
+    return loaded.with_precision(precision)
 
 
 def clear_model_cache() -> None:

@@ -134,7 +134,9 @@ class Predictor:
         tensor = tensor.to(self.model.device)
         with torch.inference_mode():
             x = (tensor * 255.0 - sam.pixel_mean) / sam.pixel_std
-            features = sam.image_encoder(x)
+            with self.model.encoder_autocast():
+                features = sam.image_encoder(x)
+            features = features.float()
         return Embedding(features=features, transform=transform, model_name=self.model.name)
 
     def set_image(self, image: np.ndarray, channel: int | None = None) -> None:
