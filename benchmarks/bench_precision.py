@@ -77,9 +77,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from napari_cellseg.core import automatic as auto
-    from napari_cellseg.core.finetune import _amp_supported
     from napari_cellseg.core.metrics import average_precision
-    from napari_cellseg.core.models import load_model
+    from napari_cellseg.core.models import load_model, native_bfloat16
 
     t_start = time.monotonic()
     models = {p: load_model(args.model, device="cpu", precision=p) for p in PRECISIONS}
@@ -110,7 +109,7 @@ def main(argv=None) -> int:
         return float(np.mean([r[key] for r in sel]))
 
     lines = [header("Image encoder arithmetic: float32 against bfloat16"),
-             f"Model `{args.model}`; native bfloat16 on this CPU (oneDNN): {_amp_supported('cpu')}; "
+             f"Model `{args.model}`; native bfloat16 on this CPU (oneDNN): {native_bfloat16('cpu')}; "
              f"{len(rows)} held-out images ({', '.join(r['name'] for r in rows)}), {args.cells_per_image} sampled "
              f"cells each; {(time.monotonic() - t_start) / 60:.1f} min.", "",
              "| figure | float32 | bfloat16 | bfloat16 / float32 |", "|---|---|---|---|",

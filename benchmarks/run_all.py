@@ -30,9 +30,10 @@ FULL = [
      ["bench_finetune.py", "--base", "litemedsam", "cellseg"]),
     ("Default model against zero-shot LiteMedSAM on held-out data",
      ["bench_default_model.py", "--modes", "distance", "guided", "grid", "--mode-images", "8"]),
+    ("Image encoder arithmetic: float32 against bfloat16", ["bench_precision.py", "--dsb-per-kind", "2"]),
 ]
 QUICK = [
-    ("Embedding time per model", ["bench_embedding.py", "--archs", "litemedsam", "vit_b", "--repeat", "2"]),
+    ("Embedding time per model", ["bench_embedding.py", "--archs", "litemedsam", "vit_b", "--repeat", "3"]),
     ("Automatic modes: speed, slider updates, zero-shot AP",
      ["bench_automatic.py", "--no-doc", "--ap-images", "3"]),
     ("Interactive annotation: latency and box-prompt IoU",
@@ -43,6 +44,8 @@ QUICK = [
     ("Default model against zero-shot LiteMedSAM on held-out data",
      ["bench_default_model.py", "--usiigaci", "36,40,44", "--dsb-per-kind", "4", "--cells-per-image", "8",
       "--modes", "distance", "guided", "grid", "--mode-images", "4"]),
+    ("Image encoder arithmetic: float32 against bfloat16",
+     ["bench_precision.py", "--usiigaci", "36,40", "--dsb-per-kind", "1", "--cells-per-image", "6"]),
 ]
 
 

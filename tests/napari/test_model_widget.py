@@ -44,6 +44,29 @@ def test_loading_a_checkpoint_runs_in_a_worker_and_updates_the_session(make_napa
     assert heard == [str(path)]
 
 
+def test_bfloat16_encoder_choice_reaches_the_session_and_the_other_widgets(make_napari_viewer, qtbot, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.delenv(models.PRECISION_ENV, raising=False)
+    viewer = make_napari_viewer()
+    widget = ModelSelectionWidget(viewer)
+    assert widget.precision_combo.currentText() == "float32"
+    path = tmp_path / "tiny.pth"
+    torch.save(models.build_sam("vit_test").state_dict(), path)
+    widget.model_combo.setCurrentIndex(widget.model_combo.findData(CUSTOM))
+    widget.path_edit.setText(str(path))
+    widget.device_combo.setCurrentText("cpu")
+    widget.precision_combo.setCurrentText("bfloat16")
+    widget.load_btn.click()
+    qtbot.waitUntil(lambda: widget.load_btn.isEnabled(), timeout=30000)
+    assert "bfloat16 encoder" in widget.status.text()
+    session = session_for(viewer)
+    assert session.precision == "bfloat16"
+    model = session.load()  # what the annotation, automatic and fine-tuning widgets get
+    assert model.precision == "bfloat16" and model.name == str(path)
+    if not models.native_bfloat16("cpu"):
+        assert "no native bfloat16" in widget.status.text()
+
+
 def test_a_corrupt_checkpoint_gives_a_message_not_a_traceback(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
     widget = ModelSelectionWidget(viewer)

@@ -179,7 +179,12 @@ class ModelSelectionWidget(QWidget):
 
     def _loaded(self, name: str, device: str, precision: str, model) -> None:
         self.session.select(name, device, precision)
-        self.status.setText(f"loaded: {model.describe()}")
+        from napari_cellseg.core.models import native_bfloat16
+
+        note = ""
+        if model.precision == "bfloat16" and not native_bfloat16(model.device):
+            note = f" — {model.device} has no native bfloat16: float32 is probably faster here"
+        self.status.setText(f"loaded: {model.describe()}{note}")
         show_info(f"napari-cellseg: {model.describe()}")
 
     def _failed(self, exc: Exception) -> None:

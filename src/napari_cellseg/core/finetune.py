@@ -2245,17 +2245,10 @@ _RUNTIME_META = ("base", "recipe", "output", "thresholds", "capabilities", "crop
 
 
 def _amp_supported(device: str) -> bool:
-    """Whether bfloat16 autocast is native (fast) on a device."""
-    torch = _torch()
-    dev = str(device)
-    if dev.startswith("cuda"):
-        return bool(torch.cuda.is_bf16_supported())
-    if dev == "cpu":
-        try:
-            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
+    """Whether bfloat16 autocast is native (fast) on a device (:func:`~napari_cellseg.core.models.native_bfloat16`)."""
+    from .models import native_bfloat16
+
+    return native_bfloat16(device)
 
 
 def _resample(arr: np.ndarray, size: int) -> np.ndarray:

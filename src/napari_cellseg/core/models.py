@@ -601,6 +601,22 @@ def check_precision(precision: str) -> str:
     return value
 
 
+def native_bfloat16(device: str) -> bool:
+    """Whether the device computes bfloat16 natively (fast): a CUDA GPU with bfloat16, or a CPU whose oneDNN has
+    bfloat16 instructions (AVX-512 BF16, AMX). Elsewhere bfloat16 autocast is emulated and slower than float32."""
+    import torch
+
+    dev = str(device)
+    if dev.startswith("cuda"):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if dev == "cpu":
+        try:
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
 def default_precision() -> str:
     """The precision :func:`load_model` uses when none is given: ``$NAPARI_CELLSEG_PRECISION`` or float32."""
     value = os.environ.get(PRECISION_ENV, "").strip()
