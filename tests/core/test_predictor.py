@@ -116,3 +116,17 @@ def test_bfloat16_encoder_embeds_in_float32_close_to_float32_and_draws_the_same_
     m2 = approx.predict(box=box).masks[0]
     assert _iou(m1, m2) > 0.95
     assert model_fingerprint(model) != model_fingerprint(fast)  # embedding caches keep them apart
+
+
+def test_bfloat16_encoder_runs_sam_vit_layouts_too(tiny_vit):
+    """SAM's ViT (vit_b/l/h layout, relative positions, windowed and global attention) under bfloat16 autocast."""
+    rng = np.random.default_rng(1)
+    image = rng.random((40, 70))
+    exact, approx = Predictor(tiny_vit), Predictor(tiny_vit.with_precision("bfloat16"))
+    exact.set_image(image)
+    approx.set_image(image)
+    a, b = exact.embedding.features, approx.embedding.features
+    assert b.dtype == a.dtype and b.shape == a.shape
+    assert 0 < float((a - b).norm() / a.norm()) < 0.05
+    r = approx.predict(box=[5, 5, 30, 50])
+    assert r.masks.shape == (1, 40, 70)
