@@ -63,9 +63,12 @@ def main() -> int:
     cmd_line = "python benchmarks/run_all.py" + (" --quick" if args.quick else "")
     parts = [
         "# Benchmarks\n",
-        f"Produced by `{cmd_line}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. "
-        "Each section names its machine and the exact command; see docs/automatic.md, docs/annotation.md and "
-        "docs/finetuning.md for what the figures mean.\n",
+        f"Produced by `{cmd_line}`"
+        + (f" (last update {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, sections of an earlier "
+           "run kept beside the re-run ones)" if args.only else
+           f" on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+        + ". Each section names its machine, the exact command and its date; see docs/automatic.md, "
+        "docs/annotation.md and docs/finetuning.md for what the figures mean.\n",
     ]
     kept = _sections(args.out) if args.only and args.out.is_file() else {}
     failures = 0
@@ -98,7 +101,7 @@ def _sections(path: Path) -> dict[str, str]:
     out: dict[str, str] = {}
     for chunk in path.read_text().split("\n## ")[1:]:
         title, _, body = chunk.partition("\n")
-        out[title.strip()] = "\n" + body.rstrip() + "\n"
+        out[title.strip()] = "\n" + body.strip("\n") + "\n"  # the blank line after the title, once
     return out
 
 

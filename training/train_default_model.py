@@ -22,6 +22,14 @@ Usage (about 90 minutes on a 2-core CPU: 20 embedding the views, 65 training)::
 
 then update the sha256 in ``napari_cellseg.core.models`` (printed at the end).
 
+Stage 2 (about 50 minutes): the distance recipe continued from that packaged
+model, on Usiigaci sets 1-35 and 60 DSB training images, at half the learning
+rate; its tensors replace the first stage's in one packaged stage, and the
+distance-mode defaults are chosen again::
+
+    python training/train_default_model.py --continue-minutes 50 --work /tmp/cellseg-train2 \
+        --out src/napari_cellseg/models
+
 After training, the distance-mode defaults stored with the model (peak, fill,
 map smoothing) are chosen on whole TRAINING images (never the validation
 split): ``--tune-only`` repeats just that step on an existing adapter.
@@ -140,6 +148,73 @@ def package_adapter(path: Path, name: str) -> None:
     js.write_text(json.dumps(meta, indent=1))
 
 
+CONTINUE_DSB = 60
+CONTINUE_LR = 2e-4
+
+
+def merge_full_stages(path: Path, name: str) -> None:
+    """Rewrite a staged adapter whose stages hold only full tensors as one stage (float16).
+
+    A continued run saves its base's tensors (stage ``s0``) and its own
+    (``s1``); when the later stage trains every tensor of the earlier one
+    (the distance recipe continued from the packaged model does), the
+    earlier values are dead weight in the package. Each tensor keeps the
+    value of the last stage that has it; the JSON keeps the stage history.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from napari_cellseg.core.finetune import ADAPTER_FORMAT
+    from napari_cellseg.core.models import file_hash
+
+    tensors = load_file(str(path))
+    merged: dict = {}
+    for stage in sorted({int(k.split(".", 1)[0][1:]) for k in tensors}):
+        for key, value in tensors.items():
+            prefix, rest = key.split(".", 1)
+            if prefix != f"s{stage}":
+                continue
+            if not rest.startswith("full."):
+                raise ValueError(f"cannot merge stage tensor {key}: only full tensors merge")
+            merged[f"s0.{rest}"] = value.half() if value.is_floating_point() else value
+    js = path.with_suffix(".json")
+    meta = json.loads(js.read_text())
+    meta.update(name=name, file=path.name, dtype="float16", merged_stages=len(meta.get("stages", [])))
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(merged, str(tmp), metadata={"format": ADAPTER_FORMAT, "name": name})
+    meta["sha256"] = file_hash(tmp)
+    tmp.replace(path)
+    js.write_text(json.dumps(meta, indent=1))
+
+
+def continue_distance(args) -> Path:
+    """Stage 2: the distance recipe continued from the packaged model, merged into one packaged stage."""
+    from napari_cellseg.core.finetune import FinetuneConfig, Finetuner, load_adapter, save_adapter
+    from napari_cellseg.core.progress import TerminalProgress
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    packaged = Path(args.out) / f"{args.name}.safetensors"
+    data = build_training_data(CONTINUE_DSB)
+    print(f"stage 2 data: {len(data)} planes, {data.n_cells} cells", flush=True)
+    cfg = FinetuneConfig(recipe="distance", minutes=args.continue_minutes, lr=args.lr or CONTINUE_LR,
+                         seed=args.seed, feature_cache=str(work / "features"),
+                         checkpoint=str(work / "checkpoint.pt"), patience=0, device="cpu")
+    base = load_adapter(packaged, device="cpu")
+    gen = Finetuner(base, data, cfg).run()
+    bar = TerminalProgress("stage 2")
+    try:
+        while True:
+            bar(next(gen))
+    except StopIteration as stop:
+        result = stop.value
+    bar.close()
+    staged = save_adapter(result, f"{args.name}-build", directory=args.out, overwrite=True, dtype="float16")
+    staged.replace(packaged)
+    staged.with_suffix(".json").replace(packaged.with_suffix(".json"))
+    merge_full_stages(packaged, args.name)
+    return packaged
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=75.0, help="time budget of training (embedding included)")
@@ -153,6 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--package-only", action="store_true",
                    help="only rewrite the adapter in --out as the packaged model (keep the base prompt pathway)")
+    p.add_argument("--continue-minutes", type=float, default=None,
+                   help="stage 2: continue the packaged model in --out with the distance recipe for this long")
     p.add_argument("--tune-only", action="store_true",
                    help="only choose the distance-mode defaults of the adapter in --out (no training)")
     args = p.parse_args(argv)
@@ -162,6 +239,17 @@ def main(argv=None) -> int:
         return 0
     if args.tune_only:
         tune_distance_defaults(Path(args.out) / f"{args.name}.safetensors")
+        return 0
+    if args.continue_minutes:
+        import torch
+
+        from napari_cellseg.core.models import file_hash
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        path = continue_distance(args)
+        tune_distance_defaults(path)
+        print(f"\nsaved {path} ({path.stat().st_size / 1e6:.1f} MB), sha256 {file_hash(path)}")
         return 0
 
     import torch

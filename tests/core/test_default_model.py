@@ -91,7 +91,10 @@ def test_default_model_loads_strictly_and_answers_every_mode():
     assert auto.is_distance_model(model) and auto.default_mode(model) == "distance"
     assert set(model.entry.capabilities) == {"distance", "prompt", "grid"}
     tensors, meta = read_adapter(CELLSEG_PATH)
-    assert meta["base"] == "litemedsam" and meta["recipe"] == "joint" and meta["prompt_pathway"].startswith("base")
+    assert meta["base"] == "litemedsam" and meta["prompt_pathway"].startswith("base")
+    # stage 1 the joint recipe, stage 2 the distance recipe continued from it, merged into one stage of tensors
+    assert [s["recipe"] for s in meta["stages"]] == ["joint", "distance"] and meta["merged_stages"] == 2
+    assert {k.split(".", 1)[0] for k in tensors} == {"s0"}
     # the adapter adds the distance head (its own neck, decoder and refiner) and changes nothing of the base
     # network: prompts answer exactly as LiteMedSAM's
     base = load_model("litemedsam", device="cpu")

@@ -199,7 +199,7 @@ LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c302
 #: the default model's adapter (LiteMedSAM + what training changed, float16 safetensors + JSON
 #: metadata), made by ``training/train_default_model.py``; its sha256 is checked before loading
 CELLSEG_PATH = Path(__file__).resolve().parents[1] / "models" / "cellseg.safetensors"
-CELLSEG_SHA256 = "90786ddebca575bdc0f1485aa457152261882beaf5c1b45350bb1ae51f18696b"
+CELLSEG_SHA256 = "760babc28d1268a017c1930927bffe23d892610a785acda027b2fa7e58773a91"
 
 _BUILTIN: dict[str, ModelEntry] = {
     e.name: e

@@ -1,0 +1,50 @@
+"""Helpers of training/train_default_model.py that package the default model (no training, no data)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+import train_default_model  # noqa: E402
+
+from napari_cellseg.core.models import file_hash  # noqa: E402
+
+
+def _staged_adapter(tmp_path, tensors):
+    path = tmp_path / "cellseg.safetensors"
+    safetensors_torch.save_file(tensors, str(path))
+    meta = {"name": "cellseg-cont", "base": "litemedsam",
+            "stages": [{"recipe": "joint"}, {"recipe": "distance"}]}
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return path
+
+
+def test_merge_full_stages_keeps_the_last_value_of_each_tensor(tmp_path):
+    a0, a1, b0 = torch.randn(3, 4), torch.randn(3, 4), torch.randn(5)
+    path = _staged_adapter(tmp_path, {"s0.full.a.weight": a0, "s1.full.a.weight": a1, "s0.full.b.bias": b0})
+
+    train_default_model.merge_full_stages(path, "cellseg")
+
+    merged = safetensors_torch.load_file(str(path))
+    assert set(merged) == {"s0.full.a.weight", "s0.full.b.bias"}
+    assert all(v.dtype == torch.float16 for v in merged.values())
+    torch.testing.assert_close(merged["s0.full.a.weight"].float(), a1.half().float())  # stage 2 wins
+    torch.testing.assert_close(merged["s0.full.b.bias"].float(), b0.half().float())  # only stage 1 has it
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["name"] == "cellseg" and meta["merged_stages"] == 2 and meta["dtype"] == "float16"
+    assert meta["sha256"] == file_hash(path)
+    assert [s["recipe"] for s in meta["stages"]] == ["joint", "distance"]
+
+
+def test_merge_full_stages_refuses_lora_and_leaves_the_file(tmp_path):
+    path = _staged_adapter(tmp_path, {"s0.full.a.weight": torch.ones(2, 2), "s1.lora.a.A": torch.ones(1, 2),
+                                      "s1.lora.a.B": torch.ones(2, 1)})
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="only full tensors merge"):
+        train_default_model.merge_full_stages(path, "cellseg")
+    assert path.read_bytes() == before
