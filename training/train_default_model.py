@@ -186,10 +186,30 @@ def merge_full_stages(path: Path, name: str) -> None:
     js.write_text(json.dumps(meta, indent=1))
 
 
+def train_and_stage(base, data, cfg, args, label: str) -> Path:
+    """Run the fine-tuning with a progress bar; save its adapter (float16) as ``--out/NAME.safetensors``."""
+    from napari_cellseg.core.finetune import Finetuner, save_adapter
+    from napari_cellseg.core.progress import TerminalProgress
+
+    gen = Finetuner(base, data, cfg).run()
+    bar = TerminalProgress(label)
+    try:
+        while True:
+            bar(next(gen))
+    except StopIteration as stop:
+        result = stop.value
+    bar.close()
+    # the packaged name is a catalogue entry (not a valid adapter name): save under a staging name, then rename
+    staged = save_adapter(result, f"{args.name}-build", directory=args.out, overwrite=True, dtype="float16")
+    path = Path(args.out) / f"{args.name}.safetensors"
+    staged.replace(path)
+    staged.with_suffix(".json").replace(path.with_suffix(".json"))
+    return path
+
+
 def continue_distance(args) -> Path:
     """Stage 2: the distance recipe continued from the packaged model, merged into one packaged stage."""
-    from napari_cellseg.core.finetune import FinetuneConfig, Finetuner, load_adapter, save_adapter
-    from napari_cellseg.core.progress import TerminalProgress
+    from napari_cellseg.core.finetune import FinetuneConfig, load_adapter
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -199,20 +219,9 @@ def continue_distance(args) -> Path:
     cfg = FinetuneConfig(recipe="distance", minutes=args.continue_minutes, lr=args.lr or CONTINUE_LR,
                          seed=args.seed, feature_cache=str(work / "features"),
                          checkpoint=str(work / "checkpoint.pt"), patience=0, device="cpu")
-    base = load_adapter(packaged, device="cpu")
-    gen = Finetuner(base, data, cfg).run()
-    bar = TerminalProgress("stage 2")
-    try:
-        while True:
-            bar(next(gen))
-    except StopIteration as stop:
-        result = stop.value
-    bar.close()
-    staged = save_adapter(result, f"{args.name}-build", directory=args.out, overwrite=True, dtype="float16")
-    staged.replace(packaged)
-    staged.with_suffix(".json").replace(packaged.with_suffix(".json"))
-    merge_full_stages(packaged, args.name)
-    return packaged
+    path = train_and_stage(load_adapter(packaged, device="cpu"), data, cfg, args, "stage 2")
+    merge_full_stages(path, args.name)
+    return path
 
 
 def main(argv=None) -> int:
@@ -254,9 +263,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from napari_cellseg.core.finetune import FinetuneConfig, Finetuner, save_adapter
+    from napari_cellseg.core.finetune import FinetuneConfig
     from napari_cellseg.core.models import file_hash, load_model
-    from napari_cellseg.core.progress import TerminalProgress
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -268,21 +276,7 @@ def main(argv=None) -> int:
     cfg = FinetuneConfig(recipe="joint", minutes=args.minutes, views=args.views, lr=args.lr, seed=args.seed,
                          feature_cache=str(work / "features"), checkpoint=str(work / "checkpoint.pt"),
                          patience=0, device="cpu")
-    base = load_model("litemedsam", device="cpu")
-    trainer = Finetuner(base, data, cfg)
-    gen = trainer.run()
-    bar = TerminalProgress("train")
-    try:
-        while True:
-            bar(next(gen))
-    except StopIteration as stop:
-        result = stop.value
-    bar.close()
-    # the packaged name is a catalogue entry (not a valid adapter name): save under a staging name, then rename
-    staged = save_adapter(result, f"{args.name}-build", directory=args.out, overwrite=True, dtype="float16")
-    path = Path(args.out) / f"{args.name}.safetensors"
-    staged.replace(path)
-    staged.with_suffix(".json").replace(path.with_suffix(".json"))
+    path = train_and_stage(load_model("litemedsam", device="cpu"), data, cfg, args, "train")
     package_adapter(path, args.name)
     tune_distance_defaults(path)
     meta = json.loads(path.with_suffix(".json").read_text())

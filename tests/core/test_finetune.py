@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -363,6 +365,20 @@ def test_time_budget_stops_training():
     assert result.stopped == "finished"
     assert result.meta["metrics"]["steps"] > 0
     assert result.meta["metrics"]["seconds"] < 30
+
+
+def test_time_budget_limits_the_views_embedded_for_large_data():
+    # 256 tiles of 32 px: far more than fit in 35 % of a 1.2 s budget; the budget, not the tile count, rules
+    image, labels = _cells(shape=(512, 512), n=60)
+    data = ft.make_training_data(image, labels)
+    cfg = ft.FinetuneConfig(recipe="distance", minutes=0.02, crop_size=32)
+    n_tiles = len(ft._tiles(data.pairs[0], 32))
+    t0 = time.monotonic()
+    result = run_to_completion(ft.finetune(models.random_model("vit_test"), data, cfg))
+    assert n_tiles >= 200
+    assert ft.MIN_BUDGET_VIEWS <= result.meta["metrics"]["views"] < n_tiles / 2
+    assert result.meta["metrics"]["steps"] > 0
+    assert time.monotonic() - t0 < 30
 
 
 def test_validation_ap_early_stopping_and_best_model():

@@ -156,6 +156,9 @@ class FinetuneMemoryError(MemoryError):
 # ---------------------------------------------------------------------------
 
 
+MIN_BUDGET_VIEWS = 8  # views embedded whatever the time budget (fewer when the data have fewer tiles)
+
+
 @dataclass
 class FinetuneConfig:
     """Settings of one fine-tuning run; round-trips to JSON (:meth:`to_json`).
@@ -235,7 +238,10 @@ class FinetuneConfig:
         Range of the random zoom (view side = crop_size * scale).
     views : int or None
         Augmented views whose embeddings are cached. ``None``: as many as fit
-        in ``cache_fraction`` of the time budget (4 per tile without a budget).
+        in ``cache_fraction`` of the time budget (at least 8, at most 16 per
+        tile; 4 per tile without a budget). Views are drawn from the tiles of
+        all planes in shuffled turns, so a budget smaller than one view per
+        tile still samples every plane at random.
     cache_fraction : float or None
         Share of the time budget spent embedding views (prompt 0.2: its
         views are reused with new random prompts at every step, so steps
@@ -2012,7 +2018,9 @@ class Finetuner:
                 spent = time.monotonic() - t0
                 if target is None:
                     per = spent / n
-                    cap = max(n_tiles, int(cfg.cache_fraction * budget / max(per, 1e-3)))
+                    # the budget rules: with more tiles than fit in it, views sample the tiles at random
+                    # (at least a few views, so that training has something to learn from)
+                    cap = max(min(n_tiles, MIN_BUDGET_VIEWS), int(cfg.cache_fraction * budget / max(per, 1e-3)))
                     cap = min(cap, 16 * n_tiles)
                     if n >= cap:
                         break
