@@ -37,7 +37,7 @@ QUICK = [
     ("Automatic modes: speed, slider updates, zero-shot AP",
      ["bench_automatic.py", "--no-doc", "--ap-images", "3"]),
     ("Interactive annotation: latency and box-prompt IoU",
-     ["bench_annotation.py", "--cells-per-image", "4", "--latency-prompts", "30", "--images", "5", "--skip-vit-b"]),
+     ["bench_annotation.py", "--cells-per-image", "4", "--latency-prompts", "30", "--images", "5"]),
     ("Fine-tuning on one image: time and AP on held-out images",
      ["bench_finetune.py", "--base", "litemedsam", "cellseg", "--minutes", "3", "--val-sets", "36,44",
       "--cells", "20"]),

@@ -249,17 +249,6 @@ def main(argv=None) -> int:
     if args.tune_only:
         tune_distance_defaults(Path(args.out) / f"{args.name}.safetensors")
         return 0
-    if args.continue_minutes:
-        import torch
-
-        from napari_cellseg.core.models import file_hash
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        path = continue_distance(args)
-        tune_distance_defaults(path)
-        print(f"\nsaved {path} ({path.stat().st_size / 1e6:.1f} MB), sha256 {file_hash(path)}")
-        return 0
 
     import torch
 
@@ -268,6 +257,11 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.continue_minutes:
+        path = continue_distance(args)
+        tune_distance_defaults(path)
+        print(f"\nsaved {path} ({path.stat().st_size / 1e6:.1f} MB), sha256 {file_hash(path)}")
+        return 0
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
