@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 
+from napari_cellseg._commands import add_precision_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
@@ -51,10 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="give clicks to SAM as points even when the model predicts a cell map (by default "
                              "such a model answers a click with its map cell's box, as the widget does)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--precision", choices=["float32", "bfloat16"], default=None,
-                        help="arithmetic of the image encoder: bfloat16 is about 2x faster on CPUs with native "
-                             "bfloat16 and on recent GPUs, slightly different masks (default: "
-                             "$NAPARI_CELLSEG_PRECISION or float32)")
+    add_precision_argument(parser)
     parser.add_argument("--channel", type=int, default=None, help="channel of a multichannel image")
     parser.add_argument("--plane", type=int, default=None, help="plane of a 3D or time stack (first axis)")
     parser.add_argument("--out", required=True, help="output label image (TIFF)")

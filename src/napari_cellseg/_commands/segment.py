@@ -19,6 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from napari_cellseg._commands import add_precision_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image files or folders of images")
@@ -33,10 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-model", default=None,
                         help="guided mode: the model that draws the cells (default: --model)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--precision", choices=["float32", "bfloat16"], default=None,
-                        help="arithmetic of the image encoder: bfloat16 is about 2x faster on CPUs with native "
-                             "bfloat16 and on recent GPUs, slightly different masks (default: "
-                             "$NAPARI_CELLSEG_PRECISION or float32)")
+    add_precision_argument(parser)
     parser.add_argument("--channel", type=int, default=None, help="channel of multichannel images (last axis)")
     dist = parser.add_argument_group("distance and guided modes")
     dist.add_argument("--peak", type=float, default=None, help="cell-peak threshold (0.47, or the model's own)")

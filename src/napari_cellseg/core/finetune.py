@@ -1381,7 +1381,7 @@ class Finetuner:
 
     def _setup(self):
         torch = _torch()
-        from .models import LoadedModel, get_entry, load_model, resolve_device
+        from .models import LoadedModel, get_entry, load_model, native_bfloat16, resolve_device
 
         cfg = self.config
         base = self.base
@@ -1474,7 +1474,7 @@ class Finetuner:
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.cfg.lr)
         self._sam = sam
         self.input_size = int(sam.image_encoder.img_size)
-        self.use_amp = _amp_supported(device) if self.cfg.amp is None else bool(self.cfg.amp)
+        self.use_amp = native_bfloat16(device) if self.cfg.amp is None else bool(self.cfg.amp)
         if self.cfg.recipe in DISTANCE_RECIPES:
             self.distances = [normalized_distance_map(p.labels) for p in self.train.pairs]
         else:
@@ -2250,13 +2250,6 @@ class Finetuner:
 #: adapter metadata copied onto the loaded model (``LoadedModel.meta``)
 _RUNTIME_META = ("base", "recipe", "output", "thresholds", "capabilities", "crop_size", "input_size", "metrics",
                  "created", "stages", "data", "config", "prompt_pathway")
-
-
-def _amp_supported(device: str) -> bool:
-    """Whether bfloat16 autocast is native (fast) on a device (:func:`~napari_cellseg.core.models.native_bfloat16`)."""
-    from .models import native_bfloat16
-
-    return native_bfloat16(device)
 
 
 def _resample(arr: np.ndarray, size: int) -> np.ndarray:
