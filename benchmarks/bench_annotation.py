@@ -14,10 +14,13 @@ Three figures, on this machine's CPU:
    connected component of each label, as SOURCE.md advises), with the whole image shrunk to 256 px (zoom off) and
    with the prompt-centred zoom. The zoom embeds one window per cell, so cells are sampled (``--cells-per-image``,
    seeded); the whole-image figure is given on the same sample and on every cell. The zoom's settings were chosen
-   on training images (sets 1-35) only.
+   on training images (sets 1-35) only. With ``--views N`` (default 8) the same cells are also answered with the
+   zoom and N orientations averaged (``AnnotationConfig.views``, test-time augmentation), at the tuned threshold;
+   the paired difference to one orientation is reported with its standard error, and the latency of that averaged
+   answer (cached embeddings) on ``--views-prompts`` prompts.
 
 Usage: python benchmarks/bench_annotation.py [--parts embed latency iou] [--cells-per-image 8] [--latency-prompts 60]
-       [--threads 1] [--latency-threads 1 2] [--no-compare] [--seed 0] [--json FILE] [--out FILE]
+       [--threads 1] [--latency-threads 1 2] [--no-compare] [--seed 0] [--views 8] [--json FILE] [--out FILE]
 """
 
 from __future__ import annotations
@@ -154,6 +157,10 @@ def main() -> None:
                         help="skip segment-anything's own decoder in the latency figures")
     parser.add_argument("--tuned-threshold", type=float, default=-2.0,
                         help="second mask threshold reported (chosen on training sets 1-35)")
+    parser.add_argument("--views", type=int, default=8, choices=[1, 2, 4, 8],
+                        help="orientations averaged in the extra zoom column (1: no such column)")
+    parser.add_argument("--views-prompts", type=int, default=10,
+                        help="prompts whose averaged answer is timed (each needs its orientations embedded)")
     parser.add_argument("--json", default=None, help="write the figures as JSON here")
     parser.add_argument("--out", default=None, help="append the markdown report to this file")
     args = parser.parse_args()
@@ -177,6 +184,10 @@ def main() -> None:
     cells0 = gt_cells(gt0)
     whole = InteractiveSegmenter(lite, config=AnnotationConfig(zoom="off", mask_threshold=0.0))
     zoom = InteractiveSegmenter(lite, config=AnnotationConfig(mask_threshold=0.0))
+    zviews = None
+    if args.views > 1:  # shares the zoom's cache: the first orientation is embedded once
+        zviews = InteractiveSegmenter(lite, cache=zoom.cache,
+                                      config=AnnotationConfig(mask_threshold=args.tuned_threshold, views=args.views))
     vitb = None if args.skip_vit_b or not {"embed", "latency"} & set(args.parts) else random_model("vit_b")
     vseg = InteractiveSegmenter(vitb, config=AnnotationConfig(mask_threshold=0.0)) if vitb is not None else None
 
@@ -229,6 +240,13 @@ def main() -> None:
                 lat["vit_b_whole_image" + sfx] = latency_stats(vseg, prompts0, preview, not args.no_compare)
             print(f"latency ({threads} threads):", json.dumps({k: v for k, v in lat.items() if k.endswith(sfx)}),
                   flush=True)
+        if zviews is not None:  # the averaged answer, once every orientation is embedded
+            vp = prompts0[: args.views_prompts]
+            zviews.set_image(image0)
+            list(zviews.prepare(vp))
+            torch.set_num_threads(args.latency_threads[0])
+            lat[f"litemedsam_zoom_{args.views}views"] = latency_stats(zviews, vp, preview, compare=False)
+            print("latency (views):", json.dumps(lat[f"litemedsam_zoom_{args.views}views"]), flush=True)
         torch.set_num_threads(args.threads)
         lat["threads"] = list(args.latency_threads)
         results["latency"] = lat
@@ -238,6 +256,8 @@ def main() -> None:
         thresholds = {"default": 0.0, "tuned": args.tuned_threshold}
         scores = {f"{mode}_{t}": [] for mode in ("whole_sample", "zoom_sample") for t in thresholds}
         scores["whole_all_default"] = []
+        if zviews is not None:
+            scores["zoom_views_sample_tuned"] = []
         windows = 0
         n_cells_all = 0
         base = {"whole": whole.config, "zoom": zoom.config}
@@ -265,11 +285,20 @@ def main() -> None:
                 zobjs = zoom.segment_many(sample)
                 scores[f"zoom_sample_{tname}"] += [iou(o, cells[i][1], cells[i][2]) for o, i in zip(zobjs, pick)]
             whole.config, zoom.config = base["whole"], base["zoom"]
+            if zviews is not None:
+                zviews.set_image(image)
+                vobjs = zviews.segment_many(sample)
+                scores["zoom_views_sample_tuned"] += [iou(o, cells[i][1], cells[i][2]) for o, i in zip(vobjs, pick)]
             zoom.cache.clear()
             whole.cache.clear()
             print(f"{name}: {len(cells)} cells, whole {np.mean(scores['whole_all_default'][-len(cells):]):.3f}, "
                   f"zoom sample {np.mean(scores['zoom_sample_default'][-len(pick):]):.3f}", flush=True)
         zs = np.asarray(scores["zoom_sample_tuned"])
+        extra = {}
+        if zviews is not None:
+            d = np.asarray(scores["zoom_views_sample_tuned"]) - zs
+            extra = {"views": args.views, "views_gain": float(d.mean()),
+                     "stderr_views_gain": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")}
         results["iou"] = {
             "validation_images": names,
             "cells_all": n_cells_all,
@@ -279,6 +308,7 @@ def main() -> None:
             **{f"mean_{k}": float(np.mean(v)) for k, v in scores.items()},
             "median_zoom_sample_default": float(np.median(scores["zoom_sample_default"])),
             "stderr_zoom_sample_tuned": float(zs.std(ddof=1) / np.sqrt(len(zs))) if len(zs) > 1 else float("nan"),
+            **extra,
         }
         print("iou:", json.dumps(results["iou"]), flush=True)
     results["runtime_s"] = time.perf_counter() - t_start
@@ -318,6 +348,16 @@ def main() -> None:
                      f"{q['mean_whole_sample_tuned']:.3f} | - |")
         lines.append(f"| box-prompt mean IoU, all {q['cells_all']} cells, mask threshold 0 | - | "
                      f"{q['mean_whole_all_default']:.3f} | - |")
+        if "views" in q:
+            lines.append(f"| box-prompt mean IoU, same cells, threshold {tuned}, {q['views']} orientations averaged "
+                         f"| {q['mean_zoom_views_sample_tuned']:.3f} (paired gain {q['views_gain']:+.3f} ± "
+                         f"{q['stderr_views_gain']:.3f}) | - | - |")
+    if "latency" in results:
+        for k, d in results["latency"].items():
+            if k.endswith("views"):
+                lines.append(f"| averaged answer of {k.split('_')[-1][:-5]} orientations, p50 / p95 wall (ms), "
+                             f"{results['latency']['threads'][0]} thread(s), {d['n']} prompts | "
+                             f"{d['p50_ms']:.0f} / {d['p95_ms']:.0f} | - | - |")
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:

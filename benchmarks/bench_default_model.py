@@ -13,7 +13,8 @@ flagged as optimistic). Per image kind:
   maximum of its distance transform), through the annotation mode's own
   :class:`~napari_cellseg.core.interactive.InteractiveSegmenter` (prompt-centred
   zoom, best of three candidates); mean IoU with the cell;
-* boxes: the cell's exact bounding box, the same way; mean IoU;
+* boxes: the cell's exact bounding box, the same way; mean IoU (``--views N``: N orientations of each
+  window averaged, the annotation mode's test-time augmentation; 1 by default, as on a CPU);
 * speed: seconds of the distance mode per Usiigaci image (1022 x 1024).
 
 Run from the repository root::
@@ -78,10 +79,10 @@ def sample_cells(labels: np.ndarray, n: int, rng) -> list[tuple[int, tuple[int, 
     return out
 
 
-def prompt_ious(model, image, labels, cells) -> dict:
-    from napari_cellseg.core.interactive import InteractiveSegmenter, ObjectPrompt
+def prompt_ious(model, image, labels, cells, views: int = 1) -> dict:
+    from napari_cellseg.core.interactive import AnnotationConfig, InteractiveSegmenter, ObjectPrompt
 
-    seg = InteractiveSegmenter(model)
+    seg = InteractiveSegmenter(model, config=AnnotationConfig(views=views))
     seg.set_image(image)
     out = {}
     for kind in ("clicks", "boxes"):
@@ -155,6 +156,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", default=["distance"], help="automatic modes: distance, grid, guided")
     p.add_argument("--mode-images", type=int, default=None, help="run the non-distance modes on this many images")
     p.add_argument("--no-prompts", action="store_true")
+    p.add_argument("--views", type=int, default=1, choices=[1, 2, 4, 8],
+                   help="orientations averaged for clicks and boxes (the annotation mode's test-time augmentation)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
                     row[f"{mode}_seconds_per_image"] = r["seconds"]
             if not args.no_prompts:
                 cells = sample_cells(labels, args.cells_per_image, rng)
-                ious = prompt_ious(model, image, labels, cells)
+                ious = prompt_ious(model, image, labels, cells, args.views)
                 row["click_iou"], row["box_iou"] = ious["clicks"], ious["boxes"]
             rows.append(row)
             print(json.dumps({k: (round(float(np.mean(v)), 3) if isinstance(v, list) else

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -24,6 +25,10 @@ from napari_cellseg.core.interactive import (
     plan_commit,
     resolve_mask_threshold,
     segment_boxes,
+    unview_tensor,
+    view_array,
+    view_boxes,
+    view_points,
     window_ladder,
 )
 from napari_cellseg.core.models import random_model
@@ -363,6 +368,114 @@ def test_mask_threshold_defaults_and_monotonic_masks(tiny_vit, image):
         seg.set_image(image)
         areas.append(seg.segment(prompt).to_full(image.shape))
     assert (areas[0] <= areas[1]).all() and (areas[1] <= areas[2]).all()  # lower threshold, larger mask
+
+
+# ---------------------------------------------------------------- orientations (test-time augmentation)
+
+
+@pytest.mark.parametrize("view", range(8))
+def test_views_move_points_boxes_and_logits_with_the_image(view):
+    rng = np.random.default_rng(view)
+    img = rng.random((5, 7))
+    v = view_array(img, view)
+    assert v.shape == ((7, 5) if view & 4 else (5, 7))
+    pts = np.array([[0, 0], [4, 6], [2, 5], [3, 1]])
+    moved = view_points(pts, view, img.shape).astype(int)
+    assert [v[r, c] for r, c in moved] == [img[r, c] for r, c in pts]
+    box = np.array([[1, 2, 4, 6]])  # rows 1-3, cols 2-5
+    inside = np.zeros(img.shape, bool)
+    inside[1:4, 2:6] = True
+    r0, c0, r1, c1 = view_boxes(box, view, img.shape)[0].astype(int)
+    expected = np.zeros(v.shape, bool)
+    expected[r0:r1, c0:c1] = True
+    assert np.array_equal(view_array(inside, view), expected)
+    back = unview_tensor(torch.from_numpy(np.ascontiguousarray(v))[None], view)[0]
+    assert np.array_equal(back.numpy(), img)
+
+
+def test_views_setting_validates_and_depends_on_the_device(tiny_vit):
+    with pytest.raises(ValueError, match="views must be one of 1, 2, 4, 8"):
+        AnnotationConfig(views=3)
+    assert AnnotationConfig.from_json(AnnotationConfig(views=4).to_json()).views == 4
+    seg = InteractiveSegmenter(tiny_vit)
+    assert seg.views == 1  # a CPU: each orientation costs a full embedding
+    seg.model = dataclasses.replace(tiny_vit, device="cuda:0")
+    assert seg.model.input_size <= 256 and seg.views == 8  # a small model on a GPU: milliseconds each
+    big = random_model("vit_b")
+    seg.model = dataclasses.replace(big, device="cuda:0")
+    assert seg.views == 1  # SAM's 1024 px encoders: hundreds of ms each even on a GPU
+    seg.config = AnnotationConfig(views=2)
+    assert seg.views == 2
+
+
+def test_views_average_the_logits_of_every_orientation(tiny_vit, image):
+    """The answer equals embedding each orientation of the window by hand and averaging the logits."""
+    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(views=4, mask_threshold=0.0))
+    seg.set_image(image)
+    box = np.array([40, 50, 80, 100])
+    prompt = ObjectPrompt(box=box)
+    gen = seg.run([prompt])
+    records = []
+    with pytest.raises(StopIteration) as stop:
+        while True:
+            records.append(next(gen))
+    obj = stop.value.value[0]
+    # one orientation's answer is shown while the other three are embedded
+    early = [r for r in records if r.data and "objects" in r.data]
+    assert len(early) == 1 and "orientation" in early[0].message
+    assert sum("orientation" in r.message for r in records) >= 3
+    w = obj.window
+    assert all(seg.key_for(w, v) in seg.cache for v in range(4)) and seg.key_for(w, 4) not in seg.cache
+    assert seg.missing_views([prompt]) == []
+    pred = Predictor(tiny_vit)
+    crop = normalize_image(image)[w.slices]
+    local = (box - np.array([w.r0, w.c0, w.r0, w.c0]))[None].astype(float)
+    total = 0
+    for v in range(4):
+        pred.set_embedding(pred.embed(np.ascontiguousarray(view_array(crop, v))))
+        _, _, low = pred.decode(boxes_rc=view_boxes(local, v, w.shape), upsample=False)
+        logits = pred.upsample_logits(torch.as_tensor(np.asarray(low)))[:, 0]
+        total = total + unview_tensor(logits, v)
+    expected = np.zeros(image.shape, bool)
+    expected[w.slices] = (total / 4 > 0).numpy()[0]
+    assert np.array_equal(obj.to_full(image.shape), expected)
+    assert not np.array_equal(expected[w.slices], early[0].data["objects"][0].to_full(image.shape)[w.slices])
+
+
+def test_views_are_cached_on_disk_and_forgotten_with_their_window(tmp_path, tiny_vit, image):
+    disk = tmp_path / "embeddings"
+    cfg = AnnotationConfig(views=2)
+    seg = InteractiveSegmenter(tiny_vit, cache=EmbeddingCache(disk_dir=disk), config=cfg)
+    seg.set_image(image)
+    prompt = ObjectPrompt(box=(40, 50, 80, 100))
+    first = seg.segment(prompt)
+    assert sorted(p.name.endswith("_v1.pt") for p in disk.glob("*.pt")) == [False, True]
+    seg2 = InteractiveSegmenter(tiny_vit, cache=EmbeddingCache(disk_dir=disk), config=cfg)
+    seg2.set_image(image)
+    assert seg2.cached_windows() == {first.window}  # one window, in two orientations
+    assert seg2.missing_windows([prompt]) == [] and seg2.missing_views([prompt]) == []
+    second = seg2.segment(prompt)
+    assert seg2.cache.disk_hits == 2 and np.array_equal(first.mask, second.mask)
+    seg2.cache.forget(disk=True)
+    assert not list(disk.glob("*.pt"))
+
+
+def test_eight_views_segment_a_cell_with_litemedsam():
+    """Real weights: every orientation finds the disk under the box (a wrong transform would smear it)."""
+    from napari_cellseg.core.models import load_model
+
+    yy, xx = np.mgrid[:400, :400]
+    img = 0.1 + 0.6 * (((yy - 120) / 30.0) ** 2 + ((xx - 250) / 18.0) ** 2 < 1)  # an ellipse off-centre
+    img += 0.5 * (((yy - 300) ** 2 + (xx - 90) ** 2) < 25**2)  # a second cell elsewhere
+    truth = ((yy - 120) / 30.0) ** 2 + ((xx - 250) / 18.0) ** 2 < 1
+    model = load_model("litemedsam", device="cpu")
+    ious = []
+    for views in (1, 8):
+        seg = InteractiveSegmenter(model, config=AnnotationConfig(views=views))
+        seg.set_image(img.astype(np.float32))
+        m = seg.segment(ObjectPrompt(box=(90, 232, 151, 269))).to_full(img.shape)
+        ious.append((m & truth).sum() / (m | truth).sum())
+    assert min(ious) > 0.8, ious
 
 
 def test_objects_to_labels_paints_in_order():

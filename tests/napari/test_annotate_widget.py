@@ -139,6 +139,29 @@ def test_boxes_and_overwrite(setup, qtbot):
     assert np.array_equal(target.data, before)
 
 
+def test_orientations_show_a_first_answer_then_the_average(setup, qtbot):
+    viewer, make, image, labels, target = setup
+    widget = make()
+    _select_target(widget, target)
+    assert widget.views_combo.currentData() is None and widget.config.views is None  # auto: 1 on this CPU
+    widget.views_combo.setCurrentIndex(widget.views_combo.findData(4))
+    assert widget.config.views == 4
+    seen = []
+    widget._on_progress = (lambda orig: lambda request, record: (seen.append(record), orig(request, record)))(
+        widget._on_progress)
+    widget._activate_boxes()
+    widget._boxes_layer.add_rectangles(_rectangle(*_bbox(labels, 3)))
+    qtbot.waitUntil(lambda: _preview_ready(widget), timeout=TIMEOUT)
+    early = [r for r in seen if r.data and "objects" in r.data and "orientation" in r.message]
+    assert early, [r.message for r in seen]  # one orientation's answer was shown first
+    seg = widget._segmenter
+    obj = widget._current[0]
+    assert all(seg.key_for(obj.window, v) in seg.cache for v in range(4))
+    before = target.data.copy()
+    widget.commit()
+    assert (target.data[obj.to_full(image.shape) & (before == 0)] == 10).all()
+
+
 def test_several_boxes_and_one_object_per_point_commit_several_objects(setup, qtbot):
     viewer, make, image, labels, target = setup
     widget = make()

@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zoom", action="store_true",
                         help="segment each prompt in an embedding of a window around it (the widget's "
                              "prompt-centred zoom) instead of one embedding of the whole image")
+    parser.add_argument("--views", type=int, choices=[1, 2, 4, 8], default=None,
+                        help="orientations of each embedding whose mask logits are averaged (test-time "
+                             "augmentation; default: 8 for LiteMedSAM-sized models on a GPU, else 1, as in the widget)")
     parser.add_argument("--no-map-clicks", action="store_true",
                         help="give clicks to SAM as points even when the model predicts a cell map (by default "
                              "such a model answers a click with its map cell's box, as the widget does)")
@@ -125,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.model or models.DEFAULT_MODEL  # read at run time: the catalogue's default may change
     model = models.load_model(name, device=args.device, precision=args.precision)
     config = AnnotationConfig(zoom="auto" if args.zoom else "off", mask_threshold=args.mask_threshold,
-                              clicks_from_map=not args.no_map_clicks)
+                              clicks_from_map=not args.no_map_clicks, views=args.views)
     segmenter = InteractiveSegmenter(model, config=config)
     segmenter.set_image(image, channel=args.channel)
     objects = segmenter.segment_many(prompts)

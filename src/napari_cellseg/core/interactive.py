@@ -83,11 +83,83 @@ __all__ = [
     "plan_commit",
     "resolve_mask_threshold",
     "segment_boxes",
+    "unview_tensor",
+    "VIEW_COUNTS",
+    "view_array",
+    "view_boxes",
+    "view_points",
     "window_ladder",
 ]
 
 #: on-disk embedding format version (bump when the layout changes)
 DISK_FORMAT = 1
+
+#: orientations a window may be embedded in (``AnnotationConfig.views``)
+VIEW_COUNTS = (1, 2, 4, 8)
+#: largest model input (px) counted as small (LiteMedSAM's 256): zoom windows below it, 8 orientations on a GPU
+SMALL_INPUT = 256
+
+
+def view_array(a: np.ndarray, view: int) -> np.ndarray:
+    """Orientation ``view`` (0-7) of an image's first two axes: bit 4 transposes, then bit 1 flips rows, bit 2 columns.
+
+    Examples
+    --------
+    >>> a = np.arange(6).reshape(2, 3)
+    >>> view_array(a, 5).tolist()  # transposed, then rows flipped
+    [[2, 5], [1, 4], [0, 3]]
+    """
+    if view & 4:
+        a = a.swapaxes(0, 1)
+    if view & 1:
+        a = a[::-1]
+    if view & 2:
+        a = a[:, ::-1]
+    return a
+
+
+def _view_shape(shape: tuple[int, int], view: int) -> tuple[int, int]:
+    return (shape[1], shape[0]) if view & 4 else (shape[0], shape[1])
+
+
+def view_points(points: np.ndarray, view: int, shape: tuple[int, int]) -> np.ndarray:
+    """(row, col) pixel coordinates ``(..., 2)`` on an image of ``shape``, in its orientation ``view``."""
+    p = np.array(points, dtype=float)
+    if view & 4:
+        p = p[..., ::-1].copy()
+    h, w = _view_shape(shape, view)
+    if view & 1:
+        p[..., 0] = h - 1 - p[..., 0]
+    if view & 2:
+        p[..., 1] = w - 1 - p[..., 1]
+    return p
+
+
+def view_boxes(boxes: np.ndarray, view: int, shape: tuple[int, int]) -> np.ndarray:
+    """Boxes ``(B, 4)`` (r0, c0, r1, c1; exclusive ends) on an image of ``shape``, in its orientation ``view``."""
+    b = np.array(boxes, dtype=float)
+    if view & 4:
+        b = b[:, [1, 0, 3, 2]]
+    h, w = _view_shape(shape, view)
+    if view & 1:
+        b[:, [0, 2]] = h - b[:, [2, 0]]
+    if view & 2:
+        b[:, [1, 3]] = w - b[:, [3, 1]]
+    return b
+
+
+def unview_tensor(t, view: int):
+    """Undo :func:`view_array` on the last two axes of a torch tensor."""
+    import torch
+
+    if view & 2:
+        t = torch.flip(t, (-1,))
+    if view & 1:
+        t = torch.flip(t, (-2,))
+    if view & 4:
+        t = t.transpose(-1, -2)
+    return t
+
 
 #: default mask logit threshold of prompted masks per catalogue model, where SAM's 0 is measurably worse.
 #: LiteMedSAM zero-shot under-segments phase-contrast cells: -2 gave higher box-prompt IoU on the training
@@ -160,6 +232,18 @@ class AnnotationConfig:
     map_radius : int
         A click up to this many pixels outside every map cell takes the
         nearest one.
+    views : int or None
+        Test-time augmentation: each window is embedded in this many
+        orientations (1, 2, 4 or 8 of the square's symmetries: the identity,
+        flips, then transposes) and the answer averages their mask logits.
+        None: 8 for small-input models (256 px, LiteMedSAM's family) on a GPU,
+        where the extra embeddings cost milliseconds; 1 on a CPU (each costs as
+        much as the first: about 0.9 s for LiteMedSAM here) and for SAM's
+        1024 px encoders (hundreds of milliseconds each even on a GPU, and the
+        gain was measured for LiteMedSAM only). The first orientation's answer
+        is shown while the others are embedded. Measured with zero-shot LiteMedSAM on held-out
+        phase-contrast cells: 8 views raise the box-prompt IoU by about 0.02
+        (docs/annotation.md).
 
     Examples
     --------
@@ -180,6 +264,7 @@ class AnnotationConfig:
     high: float = 99.8
     clicks_from_map: bool = True
     map_radius: int = 4
+    views: int | None = None
 
     def __post_init__(self) -> None:
         if self.zoom not in ("auto", "on", "off"):
@@ -194,6 +279,9 @@ class AnnotationConfig:
             raise ValueError("max_memory_mb must be >= 0")
         if int(self.map_radius) < 0:
             raise ValueError(f"map_radius must be >= 0 pixels, got {self.map_radius}")
+        if self.views is not None and self.views not in VIEW_COUNTS:
+            raise ValueError(f"views must be one of {', '.join(map(str, VIEW_COUNTS))} (or None: by device), "
+                             f"got {self.views!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -691,17 +779,27 @@ class CacheKey:
     model: str
     norm: str
     window: Window
+    view: int = 0  # orientation of the window (see AnnotationConfig.views)
 
     @property
     def group(self) -> tuple[str, str, str]:
         return self.image, self.model, self.norm
 
-    def filename(self) -> str:
+    def prefix(self) -> str:
+        """File name prefix of the group (image, model, normalisation)."""
         import xxhash
 
-        g = xxhash.xxh3_64(f"{self.image}|{self.model}|{self.norm}".encode()).hexdigest()
+        return xxhash.xxh3_64(f"{self.image}|{self.model}|{self.norm}".encode()).hexdigest()
+
+    def filename(self) -> str:
         w = self.window
-        return f"{g}_{w.r0}_{w.c0}_{w.r1}_{w.c1}.pt"
+        view = f"_v{self.view}" if self.view else ""
+        return f"{self.prefix()}_{w.r0}_{w.c0}_{w.r1}_{w.c1}{view}.pt"
+
+    def as_list(self) -> list:
+        """The key as stored in a disk file (the view only when it is not the identity)."""
+        out = [self.image, self.model, self.norm, list(self.window.as_tuple())]
+        return out + [self.view] if self.view else out
 
 
 class EmbeddingCache:
@@ -762,9 +860,9 @@ class EmbeddingCache:
             return key in self._mem
 
     def windows(self, group: tuple[str, str, str]) -> set[Window]:
-        """Windows cached (in memory or on disk) for one (image, model, normalisation)."""
+        """Windows cached (in memory or on disk) for one (image, model, normalisation), first orientation."""
         with self._lock:
-            out = {k.window for k in self._mem if k.group == group}
+            out = {k.window for k in self._mem if k.group == group and not k.view}
         return out | self._disk_windows(group)
 
     def get(self, key: CacheKey, device: str | None = None) -> Embedding | None:
@@ -822,11 +920,10 @@ class EmbeddingCache:
             for k in drop:
                 self._bytes -= self._nbytes(self._mem.pop(k))
             if disk and self.disk_dir is not None:
-                for group, wins in list(self._disk_index.items()):
+                for group in list(self._disk_index):
                     if (image is None or group[0] == image) and (model is None or group[1] == model):
-                        for w in wins:
-                            p = self.disk_dir / CacheKey(*group, w).filename()
-                            p.unlink(missing_ok=True)
+                        for p in self.disk_dir.glob(f"{CacheKey(*group, Window(0, 0, 0, 0)).prefix()}_*.pt"):
+                            p.unlink(missing_ok=True)  # every window and orientation
                         del self._disk_index[group]
                 if image is None and model is None and self.disk_dir.is_dir():
                     for p in self.disk_dir.glob("*.pt"):
@@ -849,7 +946,7 @@ class EmbeddingCache:
             return set()
         with self._lock:
             if group not in self._disk_index:
-                prefix = CacheKey(*group, Window(0, 0, 0, 0)).filename().split("_")[0]
+                prefix = CacheKey(*group, Window(0, 0, 0, 0)).prefix()
                 found = set()
                 if self.disk_dir.is_dir():
                     for p in self.disk_dir.glob(f"{prefix}_*.pt"):
@@ -873,7 +970,7 @@ class EmbeddingCache:
             "original_shape": list(e.transform.original_shape),
             "target": int(e.transform.target),
             "model_name": str(e.model_name),
-            "key": [key.image, key.model, key.norm, list(key.window.as_tuple())],
+            "key": key.as_list(),
         }
         tmp = path.with_suffix(f".tmp{os.getpid()}_{threading.get_ident()}")
         try:
@@ -882,8 +979,9 @@ class EmbeddingCache:
         except OSError:
             tmp.unlink(missing_ok=True)
             return  # a full or read-only disk only costs the disk copy
-        with self._lock:
-            self._disk_index.setdefault(key.group, set()).add(key.window)
+        if not key.view:
+            with self._lock:
+                self._disk_index.setdefault(key.group, set()).add(key.window)
 
     def _load(self, key: CacheKey, device: str | None) -> Embedding | None:
         import torch
@@ -893,8 +991,7 @@ class EmbeddingCache:
             return None
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
-            if (d.get("format") != DISK_FORMAT
-                    or d.get("key") != [key.image, key.model, key.norm, list(key.window.as_tuple())]):
+            if d.get("format") != DISK_FORMAT or d.get("key") != key.as_list():
                 return None
             features = d["features"]
             if device is not None:
@@ -1028,10 +1125,18 @@ class InteractiveSegmenter:
             return True
         return max(self.image_shape) > self.config.zoom_ratio * self.model.input_size
 
-    def key_for(self, window: Window) -> CacheKey:
+    def key_for(self, window: Window, view: int = 0) -> CacheKey:
         if self.image_key is None:
             raise RuntimeError("no image is set: call set_image() first")
-        return CacheKey(self.image_key, self.model_key, self.norm_key, window)
+        return CacheKey(self.image_key, self.model_key, self.norm_key, window, int(view))
+
+    @property
+    def views(self) -> int:
+        """Orientations per window in use (see ``AnnotationConfig.views``)."""
+        if self.config.views is not None:
+            return int(self.config.views)
+        on_cpu = str(self.model.device).split(":")[0] == "cpu"
+        return 1 if on_cpu or self.model.input_size > SMALL_INPUT else max(VIEW_COUNTS)
 
     def cached_windows(self) -> set[Window]:
         return self.cache.windows((self.image_key, self.model_key, self.norm_key))
@@ -1064,12 +1169,23 @@ class InteractiveSegmenter:
         return out
 
     def missing_windows(self, prompts: Sequence[ObjectPrompt]) -> list[Window]:
-        """Windows the prompts need that are not cached yet (no computation)."""
+        """Windows the prompts need that are not cached yet (first orientation; no computation)."""
         seen = []
         for p, w in zip(prompts, self.windows_for(prompts)):
             if p.answer is None and w not in seen and self.key_for(w) not in self.cache:
                 seen.append(w)
         return seen
+
+    def missing_views(self, prompts: Sequence[ObjectPrompt]) -> list[tuple[Window, int]]:
+        """(window, orientation) pairs beyond the first that :attr:`views` needs and are not cached."""
+        out: list[tuple[Window, int]] = []
+        for p, w in zip(prompts, self.windows_for(prompts)):
+            if p.answer is not None:
+                continue
+            for v in range(1, self.views):
+                if (w, v) not in out and self.key_for(w, v) not in self.cache:
+                    out.append((w, v))
+        return out
 
     @property
     def mask_threshold(self) -> float:
@@ -1082,7 +1198,7 @@ class InteractiveSegmenter:
         if self.config.min_window:
             return int(self.config.min_window)
         size = int(self.model.input_size)
-        return max(16, size // 4) if size <= 256 else size
+        return max(16, size // 4) if size <= SMALL_INPUT else size
 
     def tiles(self, overlap: float = 0.5) -> list[Window]:
         """Overlapping tiles of the model input size covering the plane (the whole plane without zoom)."""
@@ -1097,14 +1213,14 @@ class InteractiveSegmenter:
 
     # -- embeddings --------------------------------------------------------------
 
-    def embedding(self, window: Window) -> Embedding:
-        """The embedding of a window: from the cache, else computed now (blocking)."""
-        key = self.key_for(window)
+    def embedding(self, window: Window, view: int = 0) -> Embedding:
+        """The embedding of a window in one orientation: from the cache, else computed now (blocking)."""
+        key = self.key_for(window, view)
         e = self.cache.get(key, device=self.model.device)
         if e is not None:
             return e
         image01 = self._normalised()
-        crop = np.ascontiguousarray(image01[window.slices])
+        crop = np.ascontiguousarray(view_array(image01[window.slices], view))
         with self._lock:
             e = self.predictor.embed(crop)
         self.cache.put(key, e)
@@ -1120,8 +1236,16 @@ class InteractiveSegmenter:
         return n
 
     def prepare(self, prompts: Sequence[ObjectPrompt]) -> Generator[Progress, None, int]:
-        """Compute the embeddings the prompts need (a generator; returns how many were computed)."""
-        return (yield from self._embed_all(self.missing_windows(prompts), "embedding window"))
+        """Compute the embeddings the prompts need, every orientation (a generator; returns how many)."""
+        n = yield from self._embed_all(self.missing_windows(prompts), "embedding window")
+        return n + (yield from self._embed_views(self.missing_views(prompts)))
+
+    def _embed_views(self, todo: Sequence[tuple[Window, int]]) -> Generator[Progress, None, int]:
+        n = len(todo)
+        for i, (w, v) in enumerate(todo):
+            yield Progress(i, n, f"embedding orientation {v + 1}/{self.views} ({i + 1}/{n})")
+            self.embedding(w, v)
+        return n
 
     def precompute(self, tiles: bool | None = None) -> Generator[Progress, None, int]:
         """Embed the plane ahead of the prompts (a generator; returns how many windows were computed).
@@ -1312,7 +1436,7 @@ class InteractiveSegmenter:
         return out
 
     def segment_many(self, prompts: Sequence[ObjectPrompt], batch_size: int = 32,
-                     windows: Sequence[Window] | None = None) -> list[ObjectMask]:
+                     windows: Sequence[Window] | None = None, views: int | None = None) -> list[ObjectMask]:
         """Segment several objects, one per prompt, batched per window.
 
         A lone positive point (no box, no other point) is ambiguous: the best
@@ -1326,6 +1450,9 @@ class InteractiveSegmenter:
             Objects decoded together.
         windows : sequence of Window, optional
             Override the window of each prompt (default: :meth:`windows_for`).
+        views : int, optional
+            Orientations averaged (default :attr:`views`); missing ones are
+            computed here (blocking).
 
         Returns
         -------
@@ -1345,6 +1472,7 @@ class InteractiveSegmenter:
             windows = list(windows)
         if len(windows) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(windows)} windows")
+        views = self.views if views is None else int(views)
         groups: dict[tuple, list[int]] = {}
         out: list[ObjectMask | None] = [None] * len(prompts)
         for i, (p, w) in enumerate(zip(prompts, windows)):
@@ -1358,13 +1486,13 @@ class InteractiveSegmenter:
             for start in range(0, len(idx), batch_size):
                 chunk = idx[start : start + batch_size]
                 for i, obj in zip(chunk, self._decode_group(emb, w, [prompts[i] for i in chunk],
-                                                            has_box, single)):
+                                                            has_box, single, views)):
                     obj.prompt_index = i
                     out[i] = obj
         return out  # type: ignore[return-value]
 
     def _decode_group(self, emb: Embedding, window: Window, prompts: list[ObjectPrompt], has_box: bool,
-                      single: bool) -> list[ObjectMask]:
+                      single: bool, views: int = 1) -> list[ObjectMask]:
         import torch
 
         r0, c0 = window.offset
@@ -1386,14 +1514,24 @@ class InteractiveSegmenter:
             boxes = np.stack([p.box for p in prompts]) - np.array([r0, c0, r0, c0], float)
             boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, h)
             boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, w)
-        with self._lock:
-            self.predictor.set_embedding(emb)
-            # a lone click is ambiguous: the best of SAM's three candidates, the only one upscaled
-            _, scores, low = self.predictor.decode(pts, lab, boxes, multimask=single, best=single,
-                                                   upsample=False)
-            with torch.inference_mode():
-                logits = self.predictor.upsample_logits(torch.from_numpy(np.ascontiguousarray(low)))
-                masks = (logits[:, 0] > self.mask_threshold).numpy()
+        total = None
+        score_sum = 0.0
+        for v in range(views):
+            e = emb if v == 0 else self.embedding(window, v)
+            vpts = None if pts is None else view_points(pts, v, (h, w))
+            vboxes = None if boxes is None else view_boxes(boxes, v, (h, w))
+            with self._lock:
+                self.predictor.set_embedding(e)
+                # a lone click is ambiguous: the best of SAM's three candidates, the only one upscaled
+                _, scores, low = self.predictor.decode(vpts, lab, vboxes, multimask=single, best=single,
+                                                       upsample=False)
+                with torch.inference_mode():
+                    logits = self.predictor.upsample_logits(torch.from_numpy(np.ascontiguousarray(low)))[:, 0]
+                    logits = unview_tensor(logits, v)
+            total = logits if total is None else total + logits
+            score_sum = score_sum + np.asarray(scores)
+        masks = (total / views > self.mask_threshold).numpy()
+        scores = score_sum / views
         result = []
         for b in range(len(prompts)):
             crop, off = _tight(masks[b], (r0, c0))
@@ -1418,10 +1556,16 @@ class InteractiveSegmenter:
         if missing and coarse_first:
             coarse = self.coarse_windows(prompts)
             if all(w is not None for w in coarse):
-                objects = self.segment_many(prompts, windows=coarse)
+                objects = self.segment_many(prompts, windows=coarse, views=1)
                 yield Progress(0, len(missing), "first answer from a cached embedding; refining…",
                                data={"objects": objects, "coarse": True})
         yield from self._embed_all(missing, "embedding window")
+        more = self.missing_views(prompts)
+        if more:  # the first orientation's answer while the others are embedded
+            objects = self.segment_many(prompts, windows=self.windows_for(prompts), views=1)
+            yield Progress(0, len(more), f"answer from one orientation; averaging {self.views}…",
+                           data={"objects": objects, "coarse": True})
+            yield from self._embed_views(more)
         return self.segment_many(prompts, windows=self.windows_for(prompts))
 
 
