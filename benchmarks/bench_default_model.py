@@ -153,7 +153,8 @@ def main(argv=None) -> int:
     p.add_argument("--usiigaci", default="36,38,40,42,44", help="validation sets (comma separated)")
     p.add_argument("--dsb-per-kind", type=int, default=6)
     p.add_argument("--cells-per-image", type=int, default=10)
-    p.add_argument("--modes", nargs="+", default=["distance"], help="automatic modes: distance, grid, guided")
+    p.add_argument("--modes", nargs="*", default=["distance"],
+                   help="automatic modes: distance, grid, guided (none: prompts only)")
     p.add_argument("--mode-images", type=int, default=None, help="run the non-distance modes on this many images")
     p.add_argument("--no-prompts", action="store_true")
     p.add_argument("--views", type=int, default=1, choices=[1, 2, 4, 8],
