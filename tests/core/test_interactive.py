@@ -340,6 +340,23 @@ def test_default_precompute_embeds_the_plane_for_instant_first_answers(tiny_vit,
     assert len(seg.cache) == 2
 
 
+def test_precompute_embeds_every_orientation_only_of_windows_that_answer_prompts(tiny_vit, image):
+    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(views=4))  # zoom on: the plane is a first answer
+    seg.set_image(image)
+    list(seg.precompute())
+    assert len(seg.cache) == 1  # the coarse answer uses one orientation
+    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(views=4, zoom="off"))  # the plane answers
+    seg.set_image(image)
+    records = list(seg.precompute())
+    whole = Window.whole(image.shape)
+    assert all(seg.key_for(whole, v) in seg.cache for v in range(4)) and len(seg.cache) == 4
+    assert sum("orientation" in r.message for r in records) == 3
+    prompt = ObjectPrompt(box=(40, 50, 80, 100))
+    assert seg.missing_windows([prompt]) == [] and seg.missing_views([prompt]) == []
+    messages = [r.message for r in seg.run([prompt])]
+    assert messages == ["embedding cached"]  # nothing left to embed: the final answer at once
+
+
 def test_run_generator_yields_progress_then_objects(tiny_vit, image):
     seg = InteractiveSegmenter(tiny_vit)
     seg.set_image(image)

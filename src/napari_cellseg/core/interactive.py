@@ -1259,11 +1259,17 @@ class InteractiveSegmenter:
             on large images: prompts are then answered from the tiles), else the
             whole plane, which gives instant first answers
             (:meth:`run` with ``coarse_first``) while zoom windows are computed.
+            Windows that answer prompts (tiles, or the plane with the zoom off)
+            are embedded in every orientation :attr:`views` asks for.
         """
         if tiles is None:
             tiles = self.zoom_active() and self.min_window >= self.model.input_size
         windows = self.tiles() if tiles else [Window.whole(self.image_shape)]
-        return (yield from self._embed_all(windows, "embedding tile" if tiles else "embedding the plane"))
+        n = yield from self._embed_all(windows, "embedding tile" if tiles else "embedding the plane")
+        if tiles or not self.zoom_active():  # these windows answer the prompts: every orientation they need
+            todo = [(w, v) for w in windows for v in range(1, self.views) if self.key_for(w, v) not in self.cache]
+            n += yield from self._embed_views(todo)
+        return n
 
     # -- clicks answered from the cell map ----------------------------------------
 
