@@ -1566,13 +1566,14 @@ class InteractiveSegmenter:
                 yield Progress(0, len(missing), "first answer from a cached embedding; refining…",
                                data={"objects": objects, "coarse": True})
         yield from self._embed_all(missing, "embedding window")
+        windows = self.windows_for(prompts)
         more = self.missing_views(prompts)
         if more:  # the first orientation's answer while the others are embedded
-            objects = self.segment_many(prompts, windows=self.windows_for(prompts), views=1)
+            objects = self.segment_many(prompts, windows=windows, views=1)
             yield Progress(0, len(more), f"answer from one orientation; averaging {self.views}…",
                            data={"objects": objects, "coarse": True})
             yield from self._embed_views(more)
-        return self.segment_many(prompts, windows=self.windows_for(prompts))
+        return self.segment_many(prompts, windows=windows)
 
 
 def _region_near(regions: np.ndarray, r: float, c: float, radius: int) -> int:
