@@ -27,11 +27,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_default_model import KIND_NAMES, load, validation_images  # noqa: E402
 
-SETTINGS = {
-    "point + box, threshold 0 (default)": {},
-    "box only, threshold -2": {"use_points": False, "mask_threshold": -2.0},
-    "box only, threshold 0": {"use_points": False},
-    "box only, threshold -2, native crops": {"use_points": False, "mask_threshold": -2.0, "max_downscale": 1.0},
+SETTINGS = {  # --settings key: (column, GuidedConfig settings)
+    "default": ("point + box, threshold 0 (default)", {}),
+    "box-2": ("box only, threshold -2", {"use_points": False, "mask_threshold": -2.0}),
+    "box0": ("box only, threshold 0", {"use_points": False}),
+    "box-2-native": ("box only, threshold -2, native crops",
+                     {"use_points": False, "mask_threshold": -2.0, "max_downscale": 1.0}),
+    "views8": ("point + box, threshold 0, 8 orientations", {"views": 8}),
 }
 
 
@@ -40,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="cellseg")
     p.add_argument("--usiigaci", default="36,44")
     p.add_argument("--dsb-per-kind", type=int, default=3)
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS),
+                   default=["default", "box-2", "box0", "box-2-native"])
     args = p.parse_args(argv)
 
     from napari_cellseg.core import automatic as auto
@@ -54,7 +58,8 @@ def main(argv=None) -> int:
         image, labels = load(item)
         dist = auto.segment(image, model, mode="distance")
         row = {"distance mode": average_precision(labels, dist.labels, (0.5,))[0].ap}
-        for name, settings in SETTINGS.items():
+        for key in args.settings:
+            name, settings = SETTINGS[key]
             cfg = auto.GuidedConfig(distance=defaults, **settings)
             t0 = time.perf_counter()
             res = run_to_completion(auto.guided_from_map(image, dist.distance_map, model, cfg))
@@ -63,10 +68,11 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
         for name, v in row.items():
             per_kind.setdefault(item["kind"], {}).setdefault(name, []).append(v)
-    names = ["distance mode", *SETTINGS]
+    names = ["distance mode", *(SETTINGS[k][0] for k in args.settings)]
     print(f"Guided-mode settings, model `{args.model}`, AP@0.5 mean per kind "
           f"(`python benchmarks/bench_guided_settings.py --usiigaci {args.usiigaci} "
-          f"--dsb-per-kind {args.dsb_per_kind}`, {time.strftime('%Y-%m-%d', time.gmtime())})\n")
+          f"--dsb-per-kind {args.dsb_per_kind} --settings {' '.join(args.settings)}`, "
+          f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)\n")
     print("| image kind (images) | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for kind, d in per_kind.items():

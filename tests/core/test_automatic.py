@@ -398,6 +398,63 @@ def test_guided_mode_prompt_choices(monkeypatch):
     assert seen[-1] == (True, False)  # without boxes the point is the prompt
 
 
+class ViewOracle(OracleDecoder):
+    """The oracle for one crop embedded in ``views`` orientations (each features tensor is the next one); the
+    orientations after the first see the crop padded to a square below and right, then turned."""
+
+    def __init__(self, labels, views):
+        super().__init__(labels, [(slice(0, labels.shape[0]), slice(0, labels.shape[1]))])
+        self.views = views
+        self.seen: list[int] = []
+
+    def __call__(self, model, features, transform, **kwargs):
+        from napari_cellseg.core.interactive import view_array
+
+        if id(features) not in self.seen:
+            self.seen.append(id(features))
+        view = self.seen.index(id(features)) % self.views
+        labels = self.labels
+        if view:
+            side = max(labels.shape)
+            labels = view_array(np.pad(labels, ((0, side - labels.shape[0]), (0, side - labels.shape[1]))), view)
+        crops = [(slice(0, labels.shape[0]), slice(0, labels.shape[1]))]
+        yield from OracleDecoder(np.ascontiguousarray(labels), crops)(model, features, transform, **kwargs)
+
+
+@pytest.mark.parametrize("views", [2, 4, 8])
+def test_guided_orientations_move_prompts_and_masks_back(monkeypatch, views):
+    """Each orientation's oracle answers in its own frame; averaged back, the cells are exact (non-square crop)."""
+    image, labels = _cells((48, 64), [(12, 12), (13, 44), (36, 16), (35, 48)], [8, 9, 7, 10])  # one image px per low-res px
+    dmap = np.where(labels > 0, 0.2 + 0.8 * pp.distance_targets(labels), 0).astype(np.float32)
+    model = random_model("vit_test", img_size=256)
+    calls = _count_network_calls(model)
+    monkeypatch.setattr(auto, "decode_prompts", ViewOracle(labels, views))
+    cfg = auto.GuidedConfig(views=views, use_points=views != 4)  # points and boxes, and boxes alone
+    result = auto.run_to_completion(auto.guided_from_map(image, dmap, model, cfg))
+    assert calls["encoder"] == views  # one encoder pass per orientation of the one crop
+    assert _same_partition(result.labels, labels) and result.n_drawn == 4
+    with pytest.raises(ValueError, match="views must be one of"):
+        auto.GuidedConfig(views=3).validate()
+
+
+def test_averaging_orientations_turns_each_one_back():
+    """A random map seen in each orientation averages back to itself (a wrong turn of any one would not)."""
+    import torch
+
+    from napari_cellseg.core.interactive import view_array
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(2, 1, 16, 16)).astype(np.float32)
+    batches = []
+    for v in range(8):
+        turned = np.moveaxis(view_array(np.moveaxis(truth, (2, 3), (0, 1)), v), (0, 1), (2, 3))
+        batches.append((np.arange(2), np.ascontiguousarray(turned), np.full((2, 1), 0.1 * (v + 1), np.float32)))
+    logits, scores = auto._average_views(batches)
+    assert np.allclose(logits, truth, atol=1e-6) and np.allclose(scores, 0.45)
+    wrong = [batches[0], (np.arange(2), torch.from_numpy(batches[1][1]).flip(-1).numpy(), batches[1][2])]
+    assert not np.allclose(auto._average_views(wrong)[0], truth, atol=1e-3)
+
+
 def test_guided_mask_threshold_grows_the_masks(tiny_vit):
     image, labels = _cells((80, 80), [(20, 20), (55, 55)], [10, 12])
     dmap = np.where(labels > 0, 0.2 + 0.8 * pp.distance_targets(labels), 0).astype(np.float32)

@@ -89,6 +89,14 @@ def test_distance_mode_needs_a_distance_model_or_the_output_flag(tmp_path, capsy
     code = main(["segment", str(src), "--model", str(ckpt), "--output", "distance", "--mode", "guided",
                  "--out", str(out), "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
+    guided = tifffile.imread(out / "img_labels.tif")
+    code = main(["segment", str(src), "--model", str(ckpt), "--output", "distance", "--mode", "guided",
+                 "--views", "2", "--out", str(out / "views"), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert tifffile.imread(out / "views" / "img_labels.tif").shape == guided.shape
+    code = main(["segment", str(src), "--model", str(ckpt), "--output", "distance", "--mode", "distance",
+                 "--views", "2", "--out", str(out / "views"), "--device", "cpu"])
+    assert code == 2 and "distance mode has no setting views" in capsys.readouterr().err
 
 
 def test_thresholds_of_another_mode_are_a_user_error(tmp_path, tiny_checkpoint, capsys):

@@ -121,6 +121,30 @@ def test_distance_mode_with_a_distance_model_and_live_peak(setup, qtbot):
     assert ms < 1000
 
 
+def test_guided_mode_with_orientations_runs_one_encoder_pass_per_orientation(setup, qtbot):
+    viewer, widget = setup
+    viewer.add_image(_cells((120, 100)), name="img")
+    model = auto.as_distance_model(random_model("vit_test", seed=2))
+    widget.set_model(model)
+    _select_mode(widget, "distance")
+    assert not widget.views_combo.isEnabled() and "views" not in widget.thresholds()
+    _select_mode(widget, "guided")
+    assert widget.views_combo.isEnabled() and widget.thresholds()["views"] == 1
+    widget.sliders["peak"].setValue(0.0)  # the random model's map has regions: cells for SAM to draw
+    widget.sliders["fill"].setValue(0.0)
+    calls = _count_calls(model)
+    passes = {}
+    for views in (1, 4):
+        widget.views_combo.setCurrentIndex(widget.views_combo.findData(views))
+        assert widget.thresholds()["views"] == views
+        calls.clear()
+        widget.run()
+        qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60000)
+        assert widget.output_layer() is not None and widget.output_layer().name == "img guided labels"
+        passes[views] = calls.count("encoder")
+    assert passes[4] - passes[1] == 3, passes  # the drawing crop in 3 more orientations; the map once
+
+
 def test_distance_mode_with_a_plain_model_reports_what_to_do(setup, qtbot, monkeypatch):
     viewer, widget = setup
     viewer.add_image(_cells(), name="cells")

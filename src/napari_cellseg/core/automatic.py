@@ -302,6 +302,11 @@ class GuidedConfig(_Config):
         Remove pieces smaller than this many pixels from the result.
     batch_size, max_downscale
         As in :class:`GridConfig`.
+    views : int
+        Orientations of each crop whose mask logits SAM averages (1, 2, 4 or
+        8; the annotation mode's test-time augmentation, see
+        ``AnnotationConfig.views``). Each costs one more encoder pass per crop.
+        The distance map itself is predicted once.
     """
 
     distance: DistanceConfig = field(default_factory=DistanceConfig)
@@ -314,9 +319,12 @@ class GuidedConfig(_Config):
     min_size: int = pp.DEFAULT_MIN_AREA
     batch_size: int = 4
     max_downscale: float = 4.0
+    views: int = 1
 
     def validate(self) -> None:
         self.distance.validate()
+        if self.views not in (1, 2, 4, 8):
+            raise ValueError(f"views must be one of 1, 2, 4, 8, got {self.views!r}")
         _check_fraction("probability", self.probability, 2.0)
         _check_fraction("box_margin", self.box_margin, 10.0)
         _check_int("min_size", self.min_size, 0)
@@ -1273,6 +1281,7 @@ def guided_from_map(
     prompt_model : LoadedModel
         Any SAM-family model; it draws the cells.
     """
+    from .interactive import view_array, view_boxes, view_points
     from .predictor import Predictor
 
     cfg = config or GuidedConfig()
@@ -1311,17 +1320,32 @@ def guided_from_map(
     for ci in used:
         crop = crops[ci]
         mine = np.flatnonzero(owner == ci)
-        emb = predictor.embed(image01[crop])
+        pixels = image01[crop]
+        hw = pixels.shape[:2]
+        side = max(hw)
+        # other orientations: of the crop padded to a square below and right, as the model pads it, so each
+        # orientation's model input is the first's turned (same scale, logits move back exactly)
+        square = np.pad(pixels, ((0, side - hw[0]), (0, side - hw[1]), (0, 0))) if cfg.views > 1 else pixels
+        embs = [predictor.embed(pixels)]
+        embs += [predictor.embed(np.ascontiguousarray(view_array(square, v))) for v in range(1, cfg.views)]
         step += 1
         yield Progress(step, total, f"guided: embedded crop {used.index(ci) + 1}/{len(used)}")
+        emb = embs[0]
         origin = np.array([crop[0].start, crop[1].start, crop[0].start, crop[1].start], float)
         local_boxes = np.clip(boxes[mine] - origin, 0, None)
         local_boxes[:, 2] = np.minimum(local_boxes[:, 2], crop[0].stop - crop[0].start)
         local_boxes[:, 3] = np.minimum(local_boxes[:, 3], crop[1].stop - crop[1].start)
-        for idx, logits, scores in decode_prompts(
-            prompt_model, emb.features, emb.transform, points_rc=points[mine] - origin[:2] if use_points else None,
-            boxes_rc=local_boxes if cfg.use_boxes else None, multimask=False, batch_size=cfg.batch_size,
-        ):
+        local_points = points[mine] - origin[:2]
+        decoders = [decode_prompts(
+            prompt_model, e.features, e.transform,
+            points_rc=view_points(local_points, v, (side, side)) if use_points else None,
+            boxes_rc=view_boxes(local_boxes, v, (side, side)) if cfg.use_boxes else None,
+            multimask=False, batch_size=cfg.batch_size,
+        ) for v, e in enumerate(embs)]
+        for batches in zip(*decoders):  # one batch of the same prompts per orientation
+            idx, logits, scores = batches[0]
+            if len(batches) > 1:
+                logits, scores = _average_views(batches)
             sel = mine[idx]
             cands.add(logits, scores, crop=crop, transform=emb.transform, points=points[sel],
                       ids=ids[sel], keep_empty=True, clip_boxes=boxes[sel])
@@ -1331,6 +1355,23 @@ def guided_from_map(
                           time.perf_counter() - t0, distance_map=dmap, regions=regions, candidates=cands)
     result.relabel()
     return result
+
+
+def _average_views(batches) -> tuple[np.ndarray, np.ndarray]:
+    """Average decoder batches ``(index, logits, scores)`` of the orientations of one crop, in orientation order.
+
+    Orientation ``v`` > 0 saw the crop padded to a square and turned (see
+    ``GuidedConfig.views``), so its low-resolution logits over the model
+    input turn back onto the first orientation's frame as a whole.
+    """
+    import torch
+
+    from .interactive import unview_tensor
+
+    total = batches[0][1].astype(np.float32)
+    for v, (_, logits, _) in enumerate(batches[1:], start=1):
+        total = total + unview_tensor(torch.from_numpy(np.ascontiguousarray(logits)), v).numpy()
+    return total / len(batches), np.mean([b[2] for b in batches], axis=0)
 
 
 def guided_segmentation(
