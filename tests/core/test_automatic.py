@@ -437,6 +437,19 @@ def test_guided_orientations_move_prompts_and_masks_back(monkeypatch, views):
         auto.GuidedConfig(views=3).validate()
 
 
+def test_guided_orientations_leave_inference_mode_as_they_found_it(distance_model):
+    """The orientations' decoders run interleaved; none may leave torch's inference mode on for the caller."""
+    import torch
+
+    image, _ = _cells((72, 72), [(20, 20), (50, 50)], [10, 12])
+    cfg = auto.make_config("guided", distance_model, views=2, peak=0.0, fill=0.0)
+    assert not torch.is_inference_mode_enabled()
+    gen = auto.guided_segmentation(image, distance_model, config=cfg)
+    for _ in gen:
+        pass
+    assert not torch.is_inference_mode_enabled()
+
+
 def test_averaging_orientations_turns_each_one_back():
     """A random map seen in each orientation averages back to itself (a wrong turn of any one would not)."""
     import torch

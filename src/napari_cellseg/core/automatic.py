@@ -652,8 +652,10 @@ def decode_prompts(
     xy = None if points_rc is None else transform.rc_to_model_xy(np.asarray(points_rc, float).reshape(-1, 2))
     xyxy = None if boxes_rc is None else transform.box_rc_to_model_xyxy(np.asarray(boxes_rc, float).reshape(-1, 4))
     decoder = None
-    with torch.inference_mode():
-        for s in range(0, n, batch_size):
+    for s in range(0, n, batch_size):
+        # inference mode per batch, not around the yield: a context held across a yield leaks into the caller,
+        # and generators interleaved (guided mode's orientations) would restore it out of order
+        with torch.inference_mode():
             idx = np.arange(s, min(n, s + batch_size))
             pts = None
             if xy is not None:
@@ -667,7 +669,8 @@ def decode_prompts(
             kept = out.kept.cpu().numpy()
             if score_log is not None:
                 score_log.append(out.scores.float().cpu().numpy())
-            yield idx[kept], out.logits.float().cpu().numpy(), out.scores[out.kept].float().cpu().numpy()
+            record = idx[kept], out.logits.float().cpu().numpy(), out.scores[out.kept].float().cpu().numpy()
+        yield record
 
 
 # ---------------------------------------------------------------------------
