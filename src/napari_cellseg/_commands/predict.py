@@ -30,6 +30,8 @@ from napari_cellseg._commands import add_precision_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from napari_cellseg.core.preprocess import VIEW_COUNTS
+
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("image", nargs="?", help="image file (TIFF, PNG, JPEG)")
     src.add_argument("--sample", choices=["cells", "nuclei"], help="use a sample image shipped with the plugin")
@@ -49,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zoom", action="store_true",
                         help="segment each prompt in an embedding of a window around it (the widget's "
                              "prompt-centred zoom) instead of one embedding of the whole image")
-    parser.add_argument("--views", type=int, choices=[1, 2, 4, 8], default=None,
+    parser.add_argument("--views", type=int, choices=list(VIEW_COUNTS), default=None,
                         help="orientations of each embedding whose mask logits are averaged (test-time "
                              "augmentation; default: 8 for LiteMedSAM-sized models on a GPU, else 1, as in the widget)")
     parser.add_argument("--no-map-clicks", action="store_true",

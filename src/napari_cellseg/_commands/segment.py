@@ -23,6 +23,8 @@ from napari_cellseg._commands import add_precision_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from napari_cellseg.core.preprocess import VIEW_COUNTS
+
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image files or folders of images")
     parser.add_argument("--sample", choices=["cells", "nuclei"], help="segment a sample image shipped with the plugin")
     parser.add_argument("--out", required=True, help="folder for the label images (<stem>_labels.tif)")
@@ -46,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dist.add_argument("--smooth", type=float, default=None,
                       help="Gaussian sigma (pixels) applied to the distance map before the watershed (0, or the "
                            "model's own)")
-    dist.add_argument("--views", type=int, choices=[1, 2, 4, 8], default=None,
+    dist.add_argument("--views", type=int, choices=list(VIEW_COUNTS), default=None,
                       help="guided mode: orientations of each crop whose SAM masks are averaged (test-time "
                            "augmentation; 1: each costs one more encoder pass per crop)")
     grid = parser.add_argument_group("grid mode (CellSeg1 defaults)")

@@ -38,6 +38,7 @@ from qtpy.QtWidgets import (
 
 from napari_cellseg._napari.session import session_for
 from napari_cellseg.core import automatic as auto
+from napari_cellseg.core.preprocess import VIEW_COUNTS
 from napari_cellseg.core.progress import Progress
 
 NO_IMAGE = "(no image layer)"
@@ -172,7 +173,7 @@ class AutomaticWidget(QWidget):
         self.draw_combo.setToolTip("Guided mode: which model draws the cells from the map's prompts")
         form.addRow("Draw with", self.draw_combo)
         self.views_combo = QComboBox()
-        for n in (1, 2, 4, 8):
+        for n in VIEW_COUNTS:
             self.views_combo.addItem(str(n), n)
         self.views_combo.setToolTip(
             "Guided mode: orientations of each embedded crop (flips, transposes) whose SAM masks are averaged. "

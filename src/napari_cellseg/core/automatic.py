@@ -73,7 +73,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import postprocess as pp
-from .preprocess import as_plane, clahe, is_constant, normalize_image, resize_to_model, tile_slices
+from .preprocess import (
+    VIEW_COUNTS,
+    as_plane,
+    clahe,
+    is_constant,
+    normalize_image,
+    resize_to_model,
+    tile_slices,
+    unview_tensor,
+    view_array,
+    view_boxes,
+    view_points,
+)
 from .progress import Progress, run_to_completion
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -323,8 +335,8 @@ class GuidedConfig(_Config):
 
     def validate(self) -> None:
         self.distance.validate()
-        if self.views not in (1, 2, 4, 8):
-            raise ValueError(f"views must be one of 1, 2, 4, 8, got {self.views!r}")
+        if self.views not in VIEW_COUNTS:
+            raise ValueError(f"views must be one of {', '.join(map(str, VIEW_COUNTS))}, got {self.views!r}")
         _check_fraction("probability", self.probability, 2.0)
         _check_fraction("box_margin", self.box_margin, 10.0)
         _check_int("min_size", self.min_size, 0)
@@ -1284,7 +1296,6 @@ def guided_from_map(
     prompt_model : LoadedModel
         Any SAM-family model; it draws the cells.
     """
-    from .interactive import view_array, view_boxes, view_points
     from .predictor import Predictor
 
     cfg = config or GuidedConfig()
@@ -1368,8 +1379,6 @@ def _average_views(batches) -> tuple[np.ndarray, np.ndarray]:
     input turn back onto the first orientation's frame as a whole.
     """
     import torch
-
-    from .interactive import unview_tensor
 
     total = batches[0][1].astype(np.float32)
     for v, (_, logits, _) in enumerate(batches[1:], start=1):

@@ -277,3 +277,72 @@ def clahe(image01: np.ndarray, clip_limit: float = 0.01, kernel_size: int | None
         return np.repeat(eq[..., None].astype(np.float32), 3, axis=-1)
     # colour: scikit-image equalises the value channel in HSV space, keeping hue
     return equalize_adapthist(image01, kernel_size=kernel_size, clip_limit=clip_limit).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# orientations (test-time augmentation)
+# ---------------------------------------------------------------------------
+
+#: orientations an image may be embedded in (``AnnotationConfig.views``, ``GuidedConfig.views``)
+VIEW_COUNTS = (1, 2, 4, 8)
+
+
+def view_array(a: np.ndarray, view: int) -> np.ndarray:
+    """Orientation ``view`` (0-7) of an image's first two axes: bit 4 transposes, then bit 1 flips rows, bit 2 columns.
+
+    Examples
+    --------
+    >>> a = np.arange(6).reshape(2, 3)
+    >>> view_array(a, 5).tolist()  # transposed, then rows flipped
+    [[2, 5], [1, 4], [0, 3]]
+    """
+    if view & 4:
+        a = a.swapaxes(0, 1)
+    if view & 1:
+        a = a[::-1]
+    if view & 2:
+        a = a[:, ::-1]
+    return a
+
+
+def _view_shape(shape: tuple[int, int], view: int) -> tuple[int, int]:
+    return (shape[1], shape[0]) if view & 4 else (shape[0], shape[1])
+
+
+def view_points(points: np.ndarray, view: int, shape: tuple[int, int]) -> np.ndarray:
+    """(row, col) pixel coordinates ``(..., 2)`` on an image of ``shape``, in its orientation ``view``."""
+    p = np.array(points, dtype=float)
+    if view & 4:
+        p = p[..., ::-1].copy()
+    h, w = _view_shape(shape, view)
+    if view & 1:
+        p[..., 0] = h - 1 - p[..., 0]
+    if view & 2:
+        p[..., 1] = w - 1 - p[..., 1]
+    return p
+
+
+def view_boxes(boxes: np.ndarray, view: int, shape: tuple[int, int]) -> np.ndarray:
+    """Boxes ``(B, 4)`` (r0, c0, r1, c1; exclusive ends) on an image of ``shape``, in its orientation ``view``."""
+    b = np.array(boxes, dtype=float)
+    if view & 4:
+        b = b[:, [1, 0, 3, 2]]
+    h, w = _view_shape(shape, view)
+    if view & 1:
+        b[:, [0, 2]] = h - b[:, [2, 0]]
+    if view & 2:
+        b[:, [1, 3]] = w - b[:, [3, 1]]
+    return b
+
+
+def unview_tensor(t, view: int):
+    """Undo :func:`view_array` on the last two axes of a torch tensor."""
+    import torch
+
+    if view & 2:
+        t = torch.flip(t, (-1,))
+    if view & 1:
+        t = torch.flip(t, (-2,))
+    if view & 4:
+        t = t.transpose(-1, -2)
+    return t
