@@ -430,8 +430,10 @@ def test_guided_orientations_move_prompts_and_masks_back(monkeypatch, views):
     calls = _count_network_calls(model)
     monkeypatch.setattr(auto, "decode_prompts", ViewOracle(labels, views))
     cfg = auto.GuidedConfig(views=views, use_points=views != 4)  # points and boxes, and boxes alone
-    result = auto.run_to_completion(auto.guided_from_map(image, dmap, model, cfg))
+    records = []
+    result = auto.run_to_completion(auto.guided_from_map(image, dmap, model, cfg), records.append)
     assert calls["encoder"] == views  # one encoder pass per orientation of the one crop
+    assert sum("orientation" in r.message for r in records) == views - 1  # each one a cancel point
     assert _same_partition(result.labels, labels) and result.n_drawn == 4
     with pytest.raises(ValueError, match="views must be one of"):
         auto.GuidedConfig(views=3).validate()

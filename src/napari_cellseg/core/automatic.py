@@ -1341,7 +1341,10 @@ def guided_from_map(
         # orientation's model input is the first's turned (same scale, logits move back exactly)
         square = np.pad(pixels, ((0, side - hw[0]), (0, side - hw[1]), (0, 0))) if cfg.views > 1 else pixels
         embs = [predictor.embed(pixels)]
-        embs += [predictor.embed(np.ascontiguousarray(view_array(square, v))) for v in range(1, cfg.views)]
+        for v in range(1, cfg.views):  # a progress record (a cancel point) per orientation
+            yield Progress(step, total,
+                           f"guided: crop {used.index(ci) + 1}/{len(used)}, orientation {v + 1}/{cfg.views}")
+            embs.append(predictor.embed(np.ascontiguousarray(view_array(square, v))))
         step += 1
         yield Progress(step, total, f"guided: embedded crop {used.index(ci) + 1}/{len(used)}")
         emb = embs[0]
