@@ -17,7 +17,9 @@ Three figures, on this machine's CPU:
    on training images (sets 1-35) only. With ``--views N`` (default 8) the same cells are also answered with the
    zoom and N orientations averaged (``AnnotationConfig.views``, test-time augmentation), at the tuned threshold;
    the paired difference to one orientation is reported with its standard error, and the latency of that averaged
-   answer (cached embeddings) on ``--views-prompts`` prompts.
+   answer (cached embeddings) on ``--views-prompts`` prompts. The same cells are also answered with the inverted
+   contrast (``AnnotationConfig.invert``: the window and its negative averaged, the default for LiteMedSAM), with
+   one orientation and with N; the zoom columns without it keep ``invert=False``, as in runs before it existed.
 
 Usage: python benchmarks/bench_annotation.py [--parts embed latency iou] [--cells-per-image 8] [--latency-prompts 60]
        [--threads 1] [--latency-threads 1 2] [--no-compare] [--seed 0] [--views 8] [--json FILE] [--out FILE]
@@ -182,12 +184,17 @@ def main() -> None:
     results: dict = {"config": AnnotationConfig().to_dict(), "threads": args.threads}
     name0, image0, gt0 = data[0]
     cells0 = gt_cells(gt0)
-    whole = InteractiveSegmenter(lite, config=AnnotationConfig(zoom="off", mask_threshold=0.0))
-    zoom = InteractiveSegmenter(lite, config=AnnotationConfig(mask_threshold=0.0))
-    zviews = None
-    if args.views > 1:  # shares the zoom's cache: the first orientation is embedded once
-        zviews = InteractiveSegmenter(lite, cache=zoom.cache,
-                                      config=AnnotationConfig(mask_threshold=args.tuned_threshold, views=args.views))
+    whole = InteractiveSegmenter(lite, config=AnnotationConfig(zoom="off", mask_threshold=0.0, invert=False))
+    # the plain zoom (one view); the segmenters below share its cache, so every view is embedded once
+    zoom = InteractiveSegmenter(lite, config=AnnotationConfig(mask_threshold=0.0, invert=False, max_memory_mb=4096))
+    zinv = InteractiveSegmenter(lite, cache=zoom.cache,
+                                config=AnnotationConfig(mask_threshold=args.tuned_threshold, invert=True))
+    zviews = zviews_inv = None
+    if args.views > 1:
+        zviews = InteractiveSegmenter(lite, cache=zoom.cache, config=AnnotationConfig(
+            mask_threshold=args.tuned_threshold, views=args.views, invert=False))
+        zviews_inv = InteractiveSegmenter(lite, cache=zoom.cache, config=AnnotationConfig(
+            mask_threshold=args.tuned_threshold, views=args.views, invert=True))
     vitb = None if args.skip_vit_b or not {"embed", "latency"} & set(args.parts) else random_model("vit_b")
     vseg = InteractiveSegmenter(vitb, config=AnnotationConfig(mask_threshold=0.0)) if vitb is not None else None
 
@@ -240,13 +247,14 @@ def main() -> None:
                 lat["vit_b_whole_image" + sfx] = latency_stats(vseg, prompts0, preview, not args.no_compare)
             print(f"latency ({threads} threads):", json.dumps({k: v for k, v in lat.items() if k.endswith(sfx)}),
                   flush=True)
-        if zviews is not None:  # the averaged answer, once every orientation is embedded
-            vp = prompts0[: args.views_prompts]
-            zviews.set_image(image0)
-            list(zviews.prepare(vp))
-            torch.set_num_threads(args.latency_threads[0])
-            lat[f"litemedsam_zoom_{args.views}views"] = latency_stats(zviews, vp, preview, compare=False)
-            print("latency (views):", json.dumps(lat[f"litemedsam_zoom_{args.views}views"]), flush=True)
+        vp = prompts0[: args.views_prompts]
+        torch.set_num_threads(args.latency_threads[0])
+        for seg, what in ((zinv, "1views_inverted"), (zviews_inv, f"{args.views}views_inverted")):
+            if seg is not None:  # the averaged answer, once every view is embedded
+                seg.set_image(image0)
+                list(seg.prepare(vp))
+                lat[f"litemedsam_zoom_{what}"] = latency_stats(seg, vp, preview, compare=False)
+                print(f"latency ({what}):", json.dumps(lat[f"litemedsam_zoom_{what}"]), flush=True)
         torch.set_num_threads(args.threads)
         lat["threads"] = list(args.latency_threads)
         results["latency"] = lat
@@ -256,8 +264,10 @@ def main() -> None:
         thresholds = {"default": 0.0, "tuned": args.tuned_threshold}
         scores = {f"{mode}_{t}": [] for mode in ("whole_sample", "zoom_sample") for t in thresholds}
         scores["whole_all_default"] = []
+        scores["zoom_inv_sample_tuned"] = []
         if zviews is not None:
             scores["zoom_views_sample_tuned"] = []
+            scores["zoom_views_inv_sample_tuned"] = []
         windows = 0
         n_cells_all = 0
         base = {"whole": whole.config, "zoom": zoom.config}
@@ -285,20 +295,24 @@ def main() -> None:
                 zobjs = zoom.segment_many(sample)
                 scores[f"zoom_sample_{tname}"] += [iou(o, cells[i][1], cells[i][2]) for o, i in zip(zobjs, pick)]
             whole.config, zoom.config = base["whole"], base["zoom"]
-            if zviews is not None:
-                zviews.set_image(image)
-                vobjs = zviews.segment_many(sample)
-                scores["zoom_views_sample_tuned"] += [iou(o, cells[i][1], cells[i][2]) for o, i in zip(vobjs, pick)]
+            for seg, key in ((zinv, "zoom_inv_sample_tuned"), (zviews, "zoom_views_sample_tuned"),
+                             (zviews_inv, "zoom_views_inv_sample_tuned")):
+                if seg is not None:
+                    seg.set_image(image)
+                    vobjs = seg.segment_many(sample)
+                    scores[key] += [iou(o, cells[i][1], cells[i][2]) for o, i in zip(vobjs, pick)]
             zoom.cache.clear()
             whole.cache.clear()
             print(f"{name}: {len(cells)} cells, whole {np.mean(scores['whole_all_default'][-len(cells):]):.3f}, "
                   f"zoom sample {np.mean(scores['zoom_sample_default'][-len(pick):]):.3f}", flush=True)
         zs = np.asarray(scores["zoom_sample_tuned"])
-        extra = {}
-        if zviews is not None:
-            d = np.asarray(scores["zoom_views_sample_tuned"]) - zs
-            extra = {"views": args.views, "views_gain": float(d.mean()),
-                     "stderr_views_gain": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")}
+        extra = {"views": args.views} if zviews is not None else {}
+        for key, name in (("zoom_inv_sample_tuned", "inverted"), ("zoom_views_sample_tuned", "views"),
+                          ("zoom_views_inv_sample_tuned", "views_inverted")):
+            if scores.get(key):
+                d = np.asarray(scores[key]) - zs
+                extra[f"{name}_gain"] = float(d.mean())
+                extra[f"stderr_{name}_gain"] = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
         results["iou"] = {
             "validation_images": names,
             "cells_all": n_cells_all,
@@ -348,14 +362,20 @@ def main() -> None:
                      f"{q['mean_whole_sample_tuned']:.3f} | - |")
         lines.append(f"| box-prompt mean IoU, all {q['cells_all']} cells, mask threshold 0 | - | "
                      f"{q['mean_whole_all_default']:.3f} | - |")
+        rows = [("inverted", "zoom_inv_sample_tuned", "the window and its inverted contrast averaged (the default)")]
         if "views" in q:
-            lines.append(f"| box-prompt mean IoU, same cells, threshold {tuned}, {q['views']} orientations averaged "
-                         f"| {q['mean_zoom_views_sample_tuned']:.3f} (paired gain {q['views_gain']:+.3f} ± "
-                         f"{q['stderr_views_gain']:.3f}) | - | - |")
+            rows += [("views", "zoom_views_sample_tuned", f"{q['views']} orientations averaged"),
+                     ("views_inverted", "zoom_views_inv_sample_tuned",
+                      f"{q['views']} orientations, each also inverted, averaged")]
+        for name, key, what in rows:
+            lines.append(f"| box-prompt mean IoU, same cells, threshold {tuned}, {what} "
+                         f"| {q['mean_' + key]:.3f} (paired gain {q[name + '_gain']:+.3f} ± "
+                         f"{q['stderr_' + name + '_gain']:.3f}) | - | - |")
     if "latency" in results:
         for k, d in results["latency"].items():
-            if k.endswith("views"):
-                lines.append(f"| averaged answer of {k.split('_')[-1][:-5]} orientations, p50 / p95 wall (ms), "
+            if k.endswith("views_inverted"):
+                n = int(k.split("_")[-2][:-5])
+                lines.append(f"| averaged answer of {n} orientation(s) x 2 contrasts, p50 / p95 wall (ms), "
                              f"{results['latency']['threads'][0]} thread(s), {d['n']} prompts | "
                              f"{d['p50_ms']:.0f} / {d['p95_ms']:.0f} | - | - |")
     report = "\n".join(lines) + "\n"

@@ -133,7 +133,8 @@ def test_boxes_with_the_default_model_segment_the_cells(tmp_path, capsys):
 
 
 def test_views_average_orientations_and_reject_other_counts(tmp_path, capsys):
-    """Real weights: --views 4 segments the same cells (test-time augmentation); 3 is not a symmetry count."""
+    """Real weights: --views 4 and --invert segment the same cells (test-time augmentation); 3 is not a symmetry
+    count."""
     image, gt = make_cells((160, 160), n=6, seed=1)
     tifffile.imwrite(tmp_path / "cells.tif", (image * 1000).astype(np.uint16))
     cells = regionprops(gt)
@@ -141,14 +142,16 @@ def test_views_average_orientations_and_reject_other_counts(tmp_path, capsys):
     for r in cells:
         base += ["--box", *map(str, r.bbox)]
     outs = {}
-    for views in ("1", "4"):
-        assert main(base + ["--views", views, "--out", str(tmp_path / f"v{views}.tif")]) == 0
-        outs[views] = tifffile.imread(tmp_path / f"v{views}.tif")
+    for views, invert in (("1", "off"), ("1", "auto"), ("4", "auto")):
+        out = tmp_path / f"v{views}{invert}.tif"
+        assert main(base + ["--views", views, "--invert", invert, "--out", str(out)]) == 0
+        outs[views, invert] = tifffile.imread(out)
     for labels in outs.values():
         ious = [((labels == k) & (gt == r.label)).sum() / ((labels == k) | (gt == r.label)).sum()
                 for k, r in enumerate(cells, start=1)]
         assert np.mean(ious) > 0.8
-    assert not np.array_equal(outs["1"], outs["4"])  # the other orientations did change the answer
+    assert not np.array_equal(outs["1", "off"], outs["1", "auto"])  # auto inverted the contrast: a new answer
+    assert not np.array_equal(outs["1", "auto"], outs["4", "auto"])  # the other orientations did change it
     with pytest.raises(SystemExit) as err:
         main(base + ["--views", "3", "--out", str(tmp_path / "v3.tif")])
     assert err.value.code == 2 and "invalid choice: 3" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from napari_cellseg.core.interactive import (
+    INVERTED,
     AnnotationConfig,
     CacheKey,
     EmbeddingCache,
@@ -168,7 +169,7 @@ def test_cache_hits_misses_and_lru_eviction():
 
 
 def test_cache_is_invalidated_when_the_image_data_change(tiny_vit, image):
-    seg = InteractiveSegmenter(tiny_vit)
+    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(invert=False))  # one embedding per window
     key1 = seg.set_image(image)
     seg.segment(ObjectPrompt(box=(40, 50, 80, 100)))
     assert len(seg.cache) == 1
@@ -185,14 +186,15 @@ def test_cache_is_invalidated_when_the_image_data_change(tiny_vit, image):
 
 def test_disk_cache_round_trip(tmp_path, tiny_vit, image):
     disk = tmp_path / "embeddings"
-    seg = InteractiveSegmenter(tiny_vit, cache=EmbeddingCache(disk_dir=disk))
+    plain = AnnotationConfig(invert=False)  # one embedding per window
+    seg = InteractiveSegmenter(tiny_vit, cache=EmbeddingCache(disk_dir=disk), config=plain)
     seg.set_image(image)
     prompt = ObjectPrompt(box=(40, 50, 80, 100))
     first = seg.segment(prompt)
     files = list(disk.glob("*.pt"))
     assert len(files) == 1
     # a fresh cache (a new napari session) finds the embedding on disk
-    seg2 = InteractiveSegmenter(tiny_vit, cache=EmbeddingCache(disk_dir=disk))
+    seg2 = InteractiveSegmenter(tiny_vit, cache=EmbeddingCache(disk_dir=disk), config=plain)
     seg2.set_image(image)
     assert seg2.missing_windows([prompt]) == []
     second = seg2.segment(prompt)
@@ -206,7 +208,7 @@ def test_disk_cache_round_trip(tmp_path, tiny_vit, image):
     assert set(payload) >= {"features", "original_shape", "target", "model_name", "key"}
     # a corrupt file is a miss, and is removed
     files[0].write_bytes(b"not a torch file")
-    seg3 = InteractiveSegmenter(tiny_vit, cache=EmbeddingCache(disk_dir=disk))
+    seg3 = InteractiveSegmenter(tiny_vit, cache=EmbeddingCache(disk_dir=disk), config=plain)
     seg3.set_image(image)
     assert seg3.cache.get(key) is None and not files[0].exists()
 
@@ -223,7 +225,7 @@ def test_model_fingerprint_tells_weights_apart():
 
 def test_zoom_masks_land_at_full_image_coordinates(tiny_vit, image):
     """The zoomed answer equals embedding the window crop by hand and pasting it back."""
-    seg = InteractiveSegmenter(tiny_vit)
+    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(invert=False))
     seg.set_image(image)
     assert seg.zoom_active()  # 300 px > 1.5 * 64 px input
     box = np.array([40, 50, 80, 100])
@@ -251,7 +253,7 @@ def test_zoom_masks_land_at_full_image_coordinates(tiny_vit, image):
 
 
 def test_zoom_off_uses_the_whole_plane(tiny_vit, image):
-    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(zoom="off"))
+    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(zoom="off", invert=False))
     seg.set_image(image)
     obj = seg.segment(ObjectPrompt(box=(40, 50, 80, 100)))
     assert obj.window == Window.whole(image.shape)
@@ -273,14 +275,14 @@ def test_points_and_single_click(tiny_tinyvit, image):
 
 
 def test_batched_objects_match_one_by_one_and_share_windows(tiny_vit, image):
-    seg = InteractiveSegmenter(tiny_vit)
+    seg = InteractiveSegmenter(tiny_vit)  # inverted contrast on (auto, a small model): two views per window
     seg.set_image(image)
     prompts = [ObjectPrompt(box=(40, 50, 80, 100)), ObjectPrompt(box=(45, 55, 75, 95)),
                ObjectPrompt(box=(200, 150, 240, 190)), ObjectPrompt(points=[[220, 170]], labels=[1])]
     windows = seg.windows_for(prompts)
     assert windows[0] == windows[1]  # nearby prompts share one embedding
     many = seg.segment_many(prompts)
-    assert len(seg.cache) == len(set(windows))
+    assert seg.inverted and len(seg.cache) == 2 * len(set(windows))
     assert [o.prompt_index for o in many] == [0, 1, 2, 3]
     for p, o in zip(prompts, many):
         one = seg.segment(p)
@@ -294,7 +296,7 @@ def test_batched_objects_match_one_by_one_and_share_windows(tiny_vit, image):
 
 def test_precompute_tiles_cover_the_plane_and_are_reused(tiny_vit, image):
     # native-resolution windows (as for large-input models): tiles of the model input serve the prompts
-    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(min_window=64))
+    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(min_window=64, invert=False))
     seg.set_image(image)
     gen = seg.precompute()
     records = []
@@ -319,7 +321,7 @@ def test_precompute_tiles_cover_the_plane_and_are_reused(tiny_vit, image):
 
 
 def test_default_precompute_embeds_the_plane_for_instant_first_answers(tiny_vit, image):
-    seg = InteractiveSegmenter(tiny_vit)  # small input: per-prompt zoom windows of 16 px and more
+    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(invert=False))  # small input: zoom windows >= 16 px
     seg.set_image(image)
     assert seg.min_window == 16
     assert list(seg.precompute())[-1].step == 1
@@ -341,11 +343,11 @@ def test_default_precompute_embeds_the_plane_for_instant_first_answers(tiny_vit,
 
 
 def test_precompute_embeds_every_orientation_only_of_windows_that_answer_prompts(tiny_vit, image):
-    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(views=4))  # zoom on: the plane is a first answer
+    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(views=4, invert=False))  # zoom: a first answer
     seg.set_image(image)
     list(seg.precompute())
     assert len(seg.cache) == 1  # the coarse answer uses one orientation
-    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(views=4, zoom="off"))  # the plane answers
+    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(views=4, zoom="off", invert=False))  # it answers
     seg.set_image(image)
     records = list(seg.precompute())
     whole = Window.whole(image.shape)
@@ -427,7 +429,7 @@ def test_views_setting_validates_and_depends_on_the_device(tiny_vit):
 
 def test_views_average_the_logits_of_every_orientation(tiny_vit, image):
     """The answer equals embedding each orientation of the window by hand and averaging the logits."""
-    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(views=4, mask_threshold=0.0))
+    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(views=4, mask_threshold=0.0, invert=False))
     seg.set_image(image)
     box = np.array([40, 50, 80, 100])
     prompt = ObjectPrompt(box=box)
@@ -439,7 +441,7 @@ def test_views_average_the_logits_of_every_orientation(tiny_vit, image):
     obj = stop.value.value[0]
     # one orientation's answer is shown while the other three are embedded
     early = [r for r in records if r.data and "objects" in r.data]
-    assert len(early) == 1 and "orientation" in early[0].message
+    assert len(early) == 1 and "one view" in early[0].message
     assert sum("orientation" in r.message for r in records) >= 3
     w = obj.window
     assert all(seg.key_for(w, v) in seg.cache for v in range(4)) and seg.key_for(w, 4) not in seg.cache
@@ -461,20 +463,74 @@ def test_views_average_the_logits_of_every_orientation(tiny_vit, image):
 
 def test_views_are_cached_on_disk_and_forgotten_with_their_window(tmp_path, tiny_vit, image):
     disk = tmp_path / "embeddings"
-    cfg = AnnotationConfig(views=2)
+    cfg = AnnotationConfig(views=2, invert=True)
     seg = InteractiveSegmenter(tiny_vit, cache=EmbeddingCache(disk_dir=disk), config=cfg)
     seg.set_image(image)
     prompt = ObjectPrompt(box=(40, 50, 80, 100))
     first = seg.segment(prompt)
-    assert sorted(p.name.endswith("_v1.pt") for p in disk.glob("*.pt")) == [False, True]
+    names = sorted(p.name.rsplit("_", 1)[-1] for p in disk.glob("*.pt"))
+    assert names[1:] == ["v1.pt", "v8.pt", "v9.pt"] and not names[0].startswith("v")  # identity, flip, inverted
     seg2 = InteractiveSegmenter(tiny_vit, cache=EmbeddingCache(disk_dir=disk), config=cfg)
     seg2.set_image(image)
-    assert seg2.cached_windows() == {first.window}  # one window, in two orientations
+    assert seg2.cached_windows() == {first.window}  # one window, in two orientations and two contrasts
     assert seg2.missing_windows([prompt]) == [] and seg2.missing_views([prompt]) == []
     second = seg2.segment(prompt)
-    assert seg2.cache.disk_hits == 2 and np.array_equal(first.mask, second.mask)
+    assert seg2.cache.disk_hits == 4 and np.array_equal(first.mask, second.mask)
     seg2.cache.forget(disk=True)
     assert not list(disk.glob("*.pt"))
+
+
+def test_inverted_contrast_is_on_by_default_for_small_models_on_single_channel_planes(tiny_vit, image):
+    with pytest.raises(ValueError, match="invert must be True, False or None"):
+        AnnotationConfig(invert="yes")
+    assert AnnotationConfig.from_json(AnnotationConfig(invert=False).to_json()).invert is False
+    seg = InteractiveSegmenter(tiny_vit)
+    seg.set_image(image)
+    assert seg.inverted and seg.view_codes() == [0, INVERTED]
+    rgb = np.stack([image, image * 0.5, image * 0.2], axis=-1)
+    seg.set_image(rgb)
+    assert not seg.inverted and seg.view_codes() == [0]  # colour: measured no gain (docs/annotation.md)
+    seg.set_image(rgb, channel=1)
+    assert seg.inverted  # one channel of a multichannel image is a single-channel plane
+    seg.config = AnnotationConfig(invert=True, views=2)
+    seg.set_image(rgb)
+    assert seg.view_codes() == [0, 1, INVERTED, INVERTED | 1]
+    big = InteractiveSegmenter(random_model("vit_b"))
+    big.set_image(image)
+    assert not big.inverted  # SAM's 1024 px encoders: each embedding costs seconds on a CPU
+
+
+def test_inverted_contrast_averages_the_logits_of_the_image_and_its_negative(tiny_vit, image):
+    """views=2 with inversion: the answer equals embedding the window, its flip and both negatives by hand."""
+    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(views=2, invert=True, mask_threshold=0.0))
+    seg.set_image(image)
+    box = np.array([40, 50, 80, 100])
+    prompt = ObjectPrompt(box=box)
+    records = []
+    gen = seg.run([prompt])
+    with pytest.raises(StopIteration) as stop:
+        while True:
+            records.append(next(gen))
+    obj = stop.value.value[0]
+    assert sum("inverted contrast" in r.message for r in records) == 2  # the progress names each view
+    w = obj.window
+    pred = Predictor(tiny_vit)
+    crop = normalize_image(image)[w.slices]
+    local = (box - np.array([w.r0, w.c0, w.r0, w.c0]))[None].astype(float)
+    logits = {}
+    for v in (0, 1):
+        for negative in (False, True):
+            img = view_array(crop, v)
+            pred.set_embedding(pred.embed(np.ascontiguousarray(1.0 - img if negative else img)))
+            _, _, low = pred.decode(boxes_rc=view_boxes(local, v, w.shape), upsample=False)
+            up = pred.upsample_logits(torch.as_tensor(np.asarray(low)))[:, 0]
+            logits[v, negative] = unview_tensor(up, v)[0].numpy()
+    expected = np.zeros(image.shape, bool)
+    expected[w.slices] = sum(logits.values()) / 4 > 0
+    assert np.array_equal(obj.to_full(image.shape), expected)
+    plain = np.zeros(image.shape, bool)
+    plain[w.slices] = (logits[0, False] + logits[1, False]) / 2 > 0
+    assert not np.array_equal(plain, expected)  # the negatives changed the answer
 
 
 def test_eight_views_segment_a_cell_with_litemedsam():

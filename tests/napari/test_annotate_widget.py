@@ -144,6 +144,7 @@ def test_orientations_show_a_first_answer_then_the_average(setup, qtbot):
     widget = make()
     _select_target(widget, target)
     assert widget.views_combo.currentData() is None and widget.config.views is None  # auto: 1 on this CPU
+    assert widget.invert_combo.currentData() is None and widget.config.invert is None  # auto: on, a small model
     widget.views_combo.setCurrentIndex(widget.views_combo.findData(4))
     assert widget.config.views == 4
     seen = []
@@ -152,14 +153,21 @@ def test_orientations_show_a_first_answer_then_the_average(setup, qtbot):
     widget._activate_boxes()
     widget._boxes_layer.add_rectangles(_rectangle(*_bbox(labels, 3)))
     qtbot.waitUntil(lambda: _preview_ready(widget), timeout=TIMEOUT)
-    early = [r for r in seen if r.data and "objects" in r.data and "orientation" in r.message]
+    early = [r for r in seen if r.data and "objects" in r.data and "one view" in r.message]
     assert early, [r.message for r in seen]  # one orientation's answer was shown first
+    assert any("inverted contrast" in r.message for r in seen)
     seg = widget._segmenter
     obj = widget._current[0]
-    assert all(seg.key_for(obj.window, v) in seg.cache for v in range(4))
+    codes = seg.view_codes()
+    assert len(codes) == 8 and all(seg.key_for(obj.window, v) in seg.cache for v in codes)  # 4 orientations x 2
     before = target.data.copy()
     widget.commit()
     assert (target.data[obj.to_full(image.shape) & (before == 0)] == 10).all()
+    widget.invert_combo.setCurrentIndex(widget.invert_combo.findData(False))
+    assert widget.config.invert is False
+    widget._boxes_layer.add_rectangles(_rectangle(*_bbox(labels, 4)))
+    qtbot.waitUntil(lambda: _preview_ready(widget) and widget._segmenter.config.invert is False, timeout=TIMEOUT)
+    assert widget._segmenter.view_codes() == [0, 1, 2, 3]
 
 
 def test_several_boxes_and_one_object_per_point_commit_several_objects(setup, qtbot):
@@ -406,7 +414,8 @@ def test_embed_plane_then_prompts_get_a_first_answer_then_the_zoomed_one(setup, 
     widget._points().add([_centroid(labels, 3)])
     qtbot.waitUntil(lambda: _preview_ready(widget), timeout=TIMEOUT)
     assert widget._coarse_generation == widget._result_generation  # a first answer was shown, then refined
-    assert "embedded 1 window" in widget.status.text() and len(widget.cache) == 2
+    # the plane, the zoom window, and the window's negative (inverted contrast, auto for a small model)
+    assert "embedded 1 window" in widget.status.text() and len(widget.cache) == 3
 
 
 def test_rgb_image_and_a_target_that_cannot_hold_a_new_id(make_napari_viewer, qtbot, tiny_vit):

@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--views", type=int, choices=list(VIEW_COUNTS), default=None,
                         help="orientations of each embedding whose mask logits are averaged (test-time "
                              "augmentation; default: 8 for LiteMedSAM-sized models on a GPU, else 1, as in the widget)")
+    parser.add_argument("--invert", choices=["auto", "on", "off"], default="auto",
+                        help="also embed each window with inverted intensities and average the mask logits "
+                             "(test-time augmentation; auto: on for LiteMedSAM-sized models on single-channel "
+                             "images, as in the widget)")
     parser.add_argument("--no-map-clicks", action="store_true",
                         help="give clicks to SAM as points even when the model predicts a cell map (by default "
                              "such a model answers a click with its map cell's box, as the widget does)")
@@ -130,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.model or models.DEFAULT_MODEL  # read at run time: the catalogue's default may change
     model = models.load_model(name, device=args.device, precision=args.precision)
     config = AnnotationConfig(zoom="auto" if args.zoom else "off", mask_threshold=args.mask_threshold,
-                              clicks_from_map=not args.no_map_clicks, views=args.views)
+                              clicks_from_map=not args.no_map_clicks, views=args.views,
+                              invert={"auto": None, "on": True, "off": False}[args.invert])
     segmenter = InteractiveSegmenter(model, config=config)
     segmenter.set_image(image, channel=args.channel)
     objects = segmenter.segment_many(prompts)

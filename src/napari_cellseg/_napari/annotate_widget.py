@@ -255,6 +255,17 @@ class AnnotationWidget(QWidget):
             "CPU). 8 raised the zero-shot box IoU of LiteMedSAM by about 0.02 (docs/annotation.md)."
         )
         self.views_combo.currentIndexChanged.connect(self._on_settings_changed)
+        self.invert_combo = QComboBox()
+        self.invert_combo.addItem("auto (on for LiteMedSAM-sized models, not for colour images)", None)
+        self.invert_combo.addItem("on: as is and inverted", True)
+        self.invert_combo.addItem("off: as is", False)
+        self.invert_combo.setToolTip(
+            "Inverted contrast (test-time augmentation): each window is also embedded with its intensities "
+            "inverted, and the masks' logits are averaged with the uninverted ones (shown first). It doubles the "
+            "embeddings per window. Zero-shot LiteMedSAM box IoU on held-out cells: +0.03 phase contrast, "
+            "+0.04 bright-field and +0.02 fluorescent nuclei, -0.01 stained colour tissue (docs/annotation.md)."
+        )
+        self.invert_combo.currentIndexChanged.connect(self._on_settings_changed)
         for box in (self.per_point_check, self.zoom_check, self.map_check, self.disk_check):
             box.toggled.connect(self._on_settings_changed)
         self.live_check.toggled.connect(self._on_settings_changed)
@@ -308,6 +319,7 @@ class AnnotationWidget(QWidget):
         form.addRow("Target labels", self.target_combo)
         form.addRow("Mask threshold", self.threshold_spin)
         form.addRow("Orientations", self.views_combo)
+        form.addRow("Inverted contrast", self.invert_combo)
         prompts_row = QHBoxLayout()
         prompts_row.addWidget(self.points_btn)
         prompts_row.addWidget(self.boxes_btn)
@@ -685,7 +697,8 @@ class AnnotationWidget(QWidget):
                               disk_cache=self.disk_check.isChecked(),
                               clicks_from_map=self.map_check.isChecked(),
                               mask_threshold=self._threshold_value(),
-                              views=self.views_combo.currentData())
+                              views=self.views_combo.currentData(),
+                              invert=self.invert_combo.currentData())
         self.cache.disk_dir = default_disk_dir() if self.config.disk_cache else None
         self._generation += 1
         self._schedule()

@@ -286,6 +286,10 @@ def clahe(image01: np.ndarray, clip_limit: float = 0.01, kernel_size: int | None
 #: orientations an image may be embedded in (``AnnotationConfig.views``, ``GuidedConfig.views``)
 VIEW_COUNTS = (1, 2, 4, 8)
 
+#: bit of a view code (above the orientation's three bits) that inverts a normalised image's intensities
+#: (``AnnotationConfig.invert``); points, boxes and logits ignore it
+INVERTED = 8
+
 
 def view_array(a: np.ndarray, view: int) -> np.ndarray:
     """Orientation ``view`` (0-7) of an image's first two axes: bit 4 transposes, then bit 1 flips rows, bit 2 columns.
@@ -303,6 +307,20 @@ def view_array(a: np.ndarray, view: int) -> np.ndarray:
     if view & 2:
         a = a[:, ::-1]
     return a
+
+
+def view_image(image01: np.ndarray, view: int) -> np.ndarray:
+    """View code ``view`` of a normalised image in [0, 1]: orientation ``view & 7`` (:func:`view_array`), and
+    intensities inverted (``1 - x``) when ``view & INVERTED``.
+
+    Examples
+    --------
+    >>> a = np.array([[0.0, 0.25], [0.5, 1.0]])
+    >>> view_image(a, INVERTED | 2).tolist()  # columns flipped, then inverted
+    [[0.75, 1.0], [0.0, 0.5]]
+    """
+    a = view_array(image01, view & 7)
+    return 1.0 - a if view & INVERTED else a
 
 
 def _view_shape(shape: tuple[int, int], view: int) -> tuple[int, int]:
