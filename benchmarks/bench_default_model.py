@@ -14,7 +14,8 @@ flagged as optimistic). Per image kind:
   :class:`~napari_cellseg.core.interactive.InteractiveSegmenter` (prompt-centred
   zoom, best of three candidates); mean IoU with the cell;
 * boxes: the cell's exact bounding box, the same way; mean IoU (``--views N``: N orientations of each
-  window averaged, the annotation mode's test-time augmentation; 1 by default, as on a CPU);
+  window averaged, the annotation mode's test-time augmentation; 1 by default, as on a CPU; ``--invert``: the
+  inverted-contrast averaging, by default as in the widget);
 * speed: seconds of the distance mode per Usiigaci image (1022 x 1024).
 
 Run from the repository root::
@@ -39,6 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import datasets  # noqa: E402
 from _common import header  # noqa: E402
 
+INVERT = {"auto": None, "on": True, "off": False}
 KIND_NAMES = {"phase": "phase contrast (Usiigaci)", "fluorescence": "fluorescence nuclei (DSB)",
               "brightfield": "bright-field nuclei (DSB)", "colour": "stained tissue, colour (DSB)"}
 
@@ -79,10 +81,10 @@ def sample_cells(labels: np.ndarray, n: int, rng) -> list[tuple[int, tuple[int, 
     return out
 
 
-def prompt_ious(model, image, labels, cells, views: int = 1) -> dict:
+def prompt_ious(model, image, labels, cells, views: int = 1, invert: bool | None = None) -> dict:
     from napari_cellseg.core.interactive import AnnotationConfig, InteractiveSegmenter, ObjectPrompt
 
-    seg = InteractiveSegmenter(model, config=AnnotationConfig(views=views))
+    seg = InteractiveSegmenter(model, config=AnnotationConfig(views=views, invert=invert))
     seg.set_image(image)
     out = {}
     for kind in ("clicks", "boxes"):
@@ -159,6 +161,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-prompts", action="store_true")
     p.add_argument("--views", type=int, default=1, choices=[1, 2, 4, 8],
                    help="orientations averaged for clicks and boxes (the annotation mode's test-time augmentation)")
+    p.add_argument("--invert", choices=list(INVERT), default="auto",
+                   help="the annotation mode's inverted-contrast averaging for clicks and boxes (auto: the "
+                        "widget's default)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -190,7 +195,7 @@ def main(argv=None) -> int:
                     row[f"{mode}_seconds_per_image"] = r["seconds"]
             if not args.no_prompts:
                 cells = sample_cells(labels, args.cells_per_image, rng)
-                ious = prompt_ious(model, image, labels, cells, args.views)
+                ious = prompt_ious(model, image, labels, cells, args.views, INVERT[args.invert])
                 row["click_iou"], row["box_iou"] = ious["clicks"], ious["boxes"]
             rows.append(row)
             print(json.dumps({k: (round(float(np.mean(v)), 3) if isinstance(v, list) else

@@ -34,6 +34,9 @@ SETTINGS = {  # --settings key: (column, GuidedConfig settings)
     "box-2-native": ("box only, threshold -2, native crops",
                      {"use_points": False, "mask_threshold": -2.0, "max_downscale": 1.0}),
     "views8": ("point + box, threshold 0, 8 orientations", {"views": 8}),
+    "invert": ("point + box, threshold 0, inverted contrast averaged", {"invert": True}),
+    "box-2-invert": ("box only, threshold -2, inverted contrast averaged",
+                     {"use_points": False, "mask_threshold": -2.0, "invert": True}),
 }
 
 

@@ -421,20 +421,30 @@ class ViewOracle(OracleDecoder):
         yield from OracleDecoder(np.ascontiguousarray(labels), crops)(model, features, transform, **kwargs)
 
 
-@pytest.mark.parametrize("views", [2, 4, 8])
-def test_guided_orientations_move_prompts_and_masks_back(monkeypatch, views):
-    """Each orientation's oracle answers in its own frame; averaged back, the cells are exact (non-square crop)."""
+@pytest.mark.parametrize("views, invert", [(2, False), (4, False), (8, False), (1, True), (2, True)])
+def test_guided_orientations_move_prompts_and_masks_back(monkeypatch, views, invert):
+    """Each orientation's oracle answers in its own frame; averaged back, the cells are exact (non-square crop).
+    With ``invert`` every orientation is embedded a second time, as its negative."""
     image, labels = _cells((48, 64), [(12, 12), (13, 44), (36, 16), (35, 48)], [8, 9, 7, 10])  # one image px per low-res px
     dmap = np.where(labels > 0, 0.2 + 0.8 * pp.distance_targets(labels), 0).astype(np.float32)
     model = random_model("vit_test", img_size=256)
     calls = _count_network_calls(model)
     monkeypatch.setattr(auto, "decode_prompts", ViewOracle(labels, views))
-    cfg = auto.GuidedConfig(views=views, use_points=views != 4)  # points and boxes, and boxes alone
+    from napari_cellseg.core.predictor import Predictor
+
+    inputs = []
+    embed = Predictor.embed
+    monkeypatch.setattr(Predictor, "embed", lambda self, x: (inputs.append(np.array(x)), embed(self, x))[1])
+    cfg = auto.GuidedConfig(views=views, use_points=views != 4, invert=invert)  # points and boxes, boxes alone
     records = []
     result = auto.run_to_completion(auto.guided_from_map(image, dmap, model, cfg), records.append)
-    assert calls["encoder"] == views  # one encoder pass per orientation of the one crop
-    assert sum("orientation" in r.message for r in records) == views - 1  # each one a cancel point
+    n = views * (2 if invert else 1)
+    assert calls["encoder"] == n  # one encoder pass per view of the one crop
+    assert sum("orientation" in r.message for r in records) == n - 1  # each one a cancel point
     assert _same_partition(result.labels, labels) and result.n_drawn == 4
+    if invert:  # the second half saw the negatives: the first orientation's is 1 - the crop, unpadded
+        assert np.allclose(inputs[views], 1.0 - inputs[0])
+        assert sum(", inverted" in r.message for r in records) == views
     with pytest.raises(ValueError, match="views must be one of"):
         auto.GuidedConfig(views=3).validate()
 
@@ -464,10 +474,13 @@ def test_averaging_orientations_turns_each_one_back():
     for v in range(8):
         turned = np.moveaxis(view_array(np.moveaxis(truth, (2, 3), (0, 1)), v), (0, 1), (2, 3))
         batches.append((np.arange(2), np.ascontiguousarray(turned), np.full((2, 1), 0.1 * (v + 1), np.float32)))
-    logits, scores = auto._average_views(batches)
+    logits, scores = auto._average_views(batches, list(range(8)))
     assert np.allclose(logits, truth, atol=1e-6) and np.allclose(scores, 0.45)
     wrong = [batches[0], (np.arange(2), torch.from_numpy(batches[1][1]).flip(-1).numpy(), batches[1][2])]
-    assert not np.allclose(auto._average_views(wrong)[0], truth, atol=1e-3)
+    assert not np.allclose(auto._average_views(wrong, [0, 1])[0], truth, atol=1e-3)
+    # a negative (INVERTED bit) is not turned: the identity's logits come back as they are
+    inverted = [batches[0], (np.arange(2), batches[0][1], batches[0][2])]
+    assert np.allclose(auto._average_views(inverted, [0, auto.INVERTED])[0], truth, atol=1e-6)
 
 
 def test_guided_mask_threshold_grows_the_masks(tiny_vit):

@@ -94,6 +94,10 @@ def test_distance_mode_needs_a_distance_model_or_the_output_flag(tmp_path, capsy
                  "--views", "2", "--out", str(out / "views"), "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
     assert tifffile.imread(out / "views" / "img_labels.tif").shape == guided.shape
+    code = main(["segment", str(src), "--model", str(ckpt), "--output", "distance", "--mode", "guided",
+                 "--invert", "--out", str(out / "invert"), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert tifffile.imread(out / "invert" / "img_labels.tif").shape == guided.shape
     code = main(["segment", str(src), "--model", str(ckpt), "--output", "distance", "--mode", "distance",
                  "--views", "2", "--out", str(out / "views"), "--device", "cpu"])
     assert code == 2 and "distance mode has no setting views" in capsys.readouterr().err

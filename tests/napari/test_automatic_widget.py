@@ -143,6 +143,14 @@ def test_guided_mode_with_orientations_runs_one_encoder_pass_per_orientation(set
         assert widget.output_layer() is not None and widget.output_layer().name == "img guided labels"
         passes[views] = calls.count("encoder")
     assert passes[4] - passes[1] == 3, passes  # the drawing crop in 3 more orientations; the map once
+    assert widget.invert_check.isEnabled() and widget.thresholds()["invert"] is False
+    widget.invert_check.setChecked(True)  # each of the 4 orientations also as its negative
+    calls.clear()
+    widget.run()
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60000)
+    assert calls.count("encoder") - passes[4] == 4
+    _select_mode(widget, "distance")
+    assert not widget.invert_check.isEnabled() and "invert" not in widget.thresholds()
 
 
 def test_distance_mode_with_a_plain_model_reports_what_to_do(setup, qtbot, monkeypatch):

@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dist.add_argument("--views", type=int, choices=list(VIEW_COUNTS), default=None,
                       help="guided mode: orientations of each crop whose SAM masks are averaged (test-time "
                            "augmentation; 1: each costs one more encoder pass per crop)")
+    dist.add_argument("--invert", action="store_true", default=None,
+                      help="guided mode: also embed each crop as its negative and average the SAM masks of both "
+                           "(test-time augmentation; doubles the encoder passes of the drawing)")
     grid = parser.add_argument_group("grid mode (CellSeg1 defaults)")
     grid.add_argument("--points-per-side", type=int, default=None, help="point grid per crop (32)")
     grid.add_argument("--probability", type=float, default=None,
@@ -73,7 +76,7 @@ def _settings(args: argparse.Namespace, mode: str) -> dict:
         "points_per_side": args.points_per_side, "probability": args.probability, "stability": args.stability,
         "stability_offset": args.stability_offset, "nms_iou": args.nms_iou,
         "max_area_fraction": args.max_area, "min_area": args.min_area, "multimask": args.multimask,
-        "max_downscale": args.max_downscale, "views": args.views,
+        "max_downscale": args.max_downscale, "views": args.views, "invert": args.invert,
     }
     if args.min_size is not None:
         given["min_area" if mode == "grid" else "min_size"] = args.min_size

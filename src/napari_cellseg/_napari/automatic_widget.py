@@ -180,6 +180,11 @@ class AutomaticWidget(QWidget):
             "Each costs one more encoder pass per crop and one more decoder pass per cell (8: about 16 s more per "
             "1024 px image on a 2-core CPU); measured +0.01 AP@0.5 on average, see docs/automatic.md")
         form.addRow("Orientations", self.views_combo)
+        self.invert_check = QCheckBox("Inverted contrast")
+        self.invert_check.setToolTip(
+            "Guided mode: each embedded crop (in each orientation) is also embedded as its negative, and the SAM "
+            "masks of both are averaged (doubles the encoder passes of the drawing); see docs/automatic.md")
+        form.addRow("", self.invert_check)
         self.points_spin = QSpinBox()
         self.points_spin.setRange(1, 128)
         self.points_spin.setValue(32)
@@ -261,6 +266,7 @@ class AutomaticWidget(QWidget):
         self.max_area_spin.setEnabled(mode == "grid")
         self.draw_combo.setEnabled(mode == "guided")
         self.views_combo.setEnabled(mode == "guided")
+        self.invert_check.setEnabled(mode == "guided")
 
     def _refresh_images(self, *_) -> None:
         current = self.image_combo.currentText()
@@ -296,6 +302,7 @@ class AutomaticWidget(QWidget):
             out["min_size"] = self.min_size_spin.value()
         if mode == "guided":
             out["views"] = int(self.views_combo.currentData())
+            out["invert"] = self.invert_check.isChecked()
         return out
 
     def _image_layer(self) -> Image | None:
@@ -399,7 +406,7 @@ class AutomaticWidget(QWidget):
         self.run_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
         for w in (self.image_combo, self.mode_combo, self.model_combo, self.distance_check, self.draw_combo,
-                  self.views_combo, self.points_spin, self.max_area_spin, self.all_planes_check):
+                  self.views_combo, self.invert_check, self.points_spin, self.max_area_spin, self.all_planes_check):
             w.setEnabled(not running)
         if not running:
             self._on_mode_changed()

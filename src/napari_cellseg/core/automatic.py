@@ -74,6 +74,7 @@ import numpy as np
 
 from . import postprocess as pp
 from .preprocess import (
+    INVERTED,
     VIEW_COUNTS,
     as_plane,
     clahe,
@@ -319,6 +320,10 @@ class GuidedConfig(_Config):
         8; the annotation mode's test-time augmentation, see
         ``AnnotationConfig.views``). Each costs one more encoder pass per crop.
         The distance map itself is predicted once.
+    invert : bool
+        Also embed each crop (in each orientation) with its intensities
+        inverted and average the mask logits (the annotation mode's
+        ``AnnotationConfig.invert``); doubles the encoder passes of the drawing.
     """
 
     distance: DistanceConfig = field(default_factory=DistanceConfig)
@@ -332,11 +337,14 @@ class GuidedConfig(_Config):
     batch_size: int = 4
     max_downscale: float = 4.0
     views: int = 1
+    invert: bool = False
 
     def validate(self) -> None:
         self.distance.validate()
         if self.views not in VIEW_COUNTS:
             raise ValueError(f"views must be one of {', '.join(map(str, VIEW_COUNTS))}, got {self.views!r}")
+        if self.invert not in (True, False):
+            raise ValueError(f"invert must be True or False, got {self.invert!r}")
         _check_fraction("probability", self.probability, 2.0)
         _check_fraction("box_margin", self.box_margin, 10.0)
         _check_int("min_size", self.min_size, 0)
@@ -1339,12 +1347,17 @@ def guided_from_map(
         side = max(hw)
         # other orientations: of the crop padded to a square below and right, as the model pads it, so each
         # orientation's model input is the first's turned (same scale, logits move back exactly)
-        square = np.pad(pixels, ((0, side - hw[0]), (0, side - hw[1]), (0, 0))) if cfg.views > 1 else pixels
+        # (a negative is inverted before the padding: the padding stays the model's zeros)
+        codes = list(range(cfg.views))
+        codes += [v | INVERTED for v in codes] if cfg.invert else []
         embs = [predictor.embed(pixels)]
-        for v in range(1, cfg.views):  # a progress record (a cancel point) per orientation
-            yield Progress(step, total,
-                           f"guided: crop {used.index(ci) + 1}/{len(used)}, orientation {v + 1}/{cfg.views}")
-            embs.append(predictor.embed(np.ascontiguousarray(view_array(square, v))))
+        for v in codes[1:]:  # a progress record (a cancel point) per view
+            yield Progress(step, total, f"guided: crop {used.index(ci) + 1}/{len(used)}, orientation "
+                                        f"{(v & 7) + 1}/{cfg.views}{', inverted' if v & INVERTED else ''}")
+            src = 1.0 - pixels if v & INVERTED else pixels
+            if v & 7:
+                src = view_array(np.pad(src, ((0, side - hw[0]), (0, side - hw[1]), (0, 0))), v & 7)
+            embs.append(predictor.embed(np.ascontiguousarray(src)))
         step += 1
         yield Progress(step, total, f"guided: embedded crop {used.index(ci) + 1}/{len(used)}")
         emb = embs[0]
@@ -1358,11 +1371,11 @@ def guided_from_map(
             points_rc=view_points(local_points, v, (side, side)) if use_points else None,
             boxes_rc=view_boxes(local_boxes, v, (side, side)) if cfg.use_boxes else None,
             multimask=False, batch_size=cfg.batch_size,
-        ) for v, e in enumerate(embs)]
-        for batches in zip(*decoders):  # one batch of the same prompts per orientation
+        ) for v, e in zip(codes, embs)]
+        for batches in zip(*decoders):  # one batch of the same prompts per view
             idx, logits, scores = batches[0]
             if len(batches) > 1:
-                logits, scores = _average_views(batches)
+                logits, scores = _average_views(batches, codes)
             sel = mine[idx]
             cands.add(logits, scores, crop=crop, transform=emb.transform, points=points[sel],
                       ids=ids[sel], keep_empty=True, clip_boxes=boxes[sel])
@@ -1374,17 +1387,18 @@ def guided_from_map(
     return result
 
 
-def _average_views(batches) -> tuple[np.ndarray, np.ndarray]:
-    """Average decoder batches ``(index, logits, scores)`` of the orientations of one crop, in orientation order.
+def _average_views(batches, codes) -> tuple[np.ndarray, np.ndarray]:
+    """Average decoder batches ``(index, logits, scores)`` of the views of one crop (view ``codes``, the first 0).
 
-    Orientation ``v`` > 0 saw the crop padded to a square and turned (see
+    Orientation ``v & 7`` > 0 saw the crop padded to a square and turned (see
     ``GuidedConfig.views``), so its low-resolution logits over the model
-    input turn back onto the first orientation's frame as a whole.
+    input turn back onto the first orientation's frame as a whole; the
+    inverted contrast does not move them.
     """
     import torch
 
     total = batches[0][1].astype(np.float32)
-    for v, (_, logits, _) in enumerate(batches[1:], start=1):
+    for v, (_, logits, _) in zip(codes[1:], batches[1:]):
         total = total + unview_tensor(torch.from_numpy(np.ascontiguousarray(logits)), v).numpy()
     return total / len(batches), np.mean([b[2] for b in batches], axis=0)
 
