@@ -355,8 +355,17 @@ def test_precompute_embeds_every_orientation_only_of_windows_that_answer_prompts
     assert sum("orientation" in r.message for r in records) == 3
     prompt = ObjectPrompt(box=(40, 50, 80, 100))
     assert seg.missing_windows([prompt]) == [] and seg.missing_views([prompt]) == []
-    messages = [r.message for r in seg.run([prompt])]
-    assert messages == ["embedding cached"]  # nothing left to embed: the final answer at once
+    records = []
+    gen = seg.run([prompt])
+    with pytest.raises(StopIteration) as stop:
+        while True:
+            records.append(next(gen))
+    # nothing left to embed: one view's answer at once (one decoder pass), then the average of the four
+    assert [r.message for r in records] == ["embedding cached", "answer from one view; averaging 4…"]
+    first, final = records[1].data["objects"][0], stop.value.value[0]
+    assert records[1].data["coarse"] and first.window == final.window
+    assert np.array_equal(first.mask, seg.segment_many([prompt], views=[0])[0].mask)
+    assert np.array_equal(final.mask, seg.segment_many([prompt])[0].mask)
 
 
 def test_run_generator_yields_progress_then_objects(tiny_vit, image):

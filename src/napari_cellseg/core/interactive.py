@@ -1537,7 +1537,10 @@ class InteractiveSegmenter:
         With ``coarse_first``, when windows must be embedded but every prompt
         lies in some cached window (e.g. a whole-plane embedding), a first
         answer from those is yielded at once as ``Progress.data["objects"]``
-        (with ``data["coarse"] = True``), then refined.
+        (with ``data["coarse"] = True``), then refined. When the answer
+        averages several views (orientations, inverted contrast), the first
+        view's answer is yielded the same way before the average, even when
+        every view is cached: the preview keeps the latency of one decoder pass.
         """
         maps = self.missing_maps(prompts)
         for i, w in enumerate(maps):
@@ -1554,7 +1557,8 @@ class InteractiveSegmenter:
         yield from self._embed_all(missing, "embedding window")
         windows = self.windows_for(prompts)
         more = self.missing_views(prompts)
-        if more:  # the first orientation's answer while the others are embedded
+        if more or (coarse_first and len(self.view_codes()) > 1):
+            # the first view's answer at once (one decoder pass), while the other views are embedded or decoded
             objects = self.segment_many(prompts, windows=windows, views=[0])
             yield Progress(0, len(more), f"answer from one view; averaging {len(self.view_codes())}…",
                            data={"objects": objects, "coarse": True})
