@@ -203,8 +203,9 @@ class AnnotationConfig:
         encoders. It doubles the embeddings a window needs (the uninverted
         answer is shown while the inverted one is embedded). Measured with
         zero-shot LiteMedSAM on held-out cells, box-prompt IoU: phase contrast
-        +0.03, bright-field nuclei +0.04, fluorescent nuclei +0.02, stained
-        colour tissue -0.01 (docs/annotation.md, "Inverted contrast").
+        +0.04-0.05 (200 cells), bright-field nuclei +0.04, fluorescent nuclei
+        +0.02, stained colour tissue -0.01 (docs/annotation.md, "Inverted
+        contrast").
 
     Examples
     --------
