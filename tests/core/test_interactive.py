@@ -507,6 +507,10 @@ def test_inverted_contrast_is_on_by_default_for_small_models_on_single_channel_p
     big = InteractiveSegmenter(random_model("vit_b"))
     big.set_image(image)
     assert not big.inverted  # SAM's 1024 px encoders: each embedding costs seconds on a CPU
+    for recipe, on in (("prompt", False), ("joint", False), ("distance", True)):
+        tuned = InteractiveSegmenter(dataclasses.replace(tiny_vit, meta={"recipe": recipe}))
+        tuned.set_image(image)
+        assert tuned.inverted is on, recipe  # a prompt path fine-tuned on one contrast is left as it learnt
 
 
 def test_inverted_contrast_averages_the_logits_of_the_image_and_its_negative(tiny_vit, image):
