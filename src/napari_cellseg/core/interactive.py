@@ -201,7 +201,8 @@ class AnnotationConfig:
         on for small-input models (256 px, LiteMedSAM's family) on
         single-channel planes, off for colour (RGB) planes, SAM's 1024 px
         encoders and models whose prompt path this plugin fine-tuned (the
-        ``prompt`` and ``joint`` recipes train on one contrast; not measured). It doubles the embeddings a window needs (the uninverted
+        ``prompt`` and ``joint`` recipes train on one contrast; not
+        measured). It doubles the embeddings a window needs (the uninverted
         answer is shown while the inverted one is embedded). Measured with
         zero-shot LiteMedSAM on held-out cells, box-prompt IoU: phase contrast
         +0.04-0.05 (200 cells), bright-field nuclei +0.04, fluorescent nuclei
@@ -1107,11 +1108,11 @@ class InteractiveSegmenter:
     @property
     def inverted(self) -> bool:
         """Whether windows are also embedded with inverted intensities (see ``AnnotationConfig.invert``)."""
+        from .finetune import PROMPT_RECIPES
+
         if self.config.invert is not None:
             return bool(self.config.invert)
         colour = self._image is not None and self._image.ndim == 3 and self._channel is None
-        from .finetune import PROMPT_RECIPES
-
         # a prompt path fine-tuned by this plugin learnt one contrast (the prompt recipe does not invert)
         tuned_prompts = (getattr(self.model, "meta", None) or {}).get("recipe") in PROMPT_RECIPES
         return self.model.input_size <= SMALL_INPUT and not colour and not tuned_prompts
