@@ -45,6 +45,26 @@ def test_merge_full_stages_refuses_lora_and_leaves_the_file(tmp_path):
     path = _staged_adapter(tmp_path, {"s0.full.a.weight": torch.ones(2, 2), "s1.lora.a.A": torch.ones(1, 2),
                                       "s1.lora.a.B": torch.ones(2, 1)})
     before = path.read_bytes()
-    with pytest.raises(ValueError, match="only full tensors merge"):
+    with pytest.raises(ValueError, match="only full tensors and the distance encoder's LoRA merge"):
         train_default_model.merge_full_stages(path, "cellseg")
     assert path.read_bytes() == before
+
+
+def test_merge_joins_the_distance_encoders_lora_of_several_stages_into_the_same_update(tmp_path):
+    """Stage 3 continued again: two LoRA updates of one qkv layer become one LoRA of twice the rank."""
+    layer = "qkv.distance_encoder.layers.1.blocks.0.attn.qkv"
+    g = torch.Generator().manual_seed(0)
+    t = {f"s{s}.{layer}.{p}": torch.randn(*shape, generator=g)
+         for s in (0, 1) for p, shape in (("qA", (4, 8)), ("qB", (8, 4)), ("vA", (4, 8)), ("vB", (8, 4)))}
+    t["s1.full.distance_neck.0.weight"] = torch.randn(3, 3, generator=g)
+    path = _staged_adapter(tmp_path, dict(t))
+
+    train_default_model.merge_full_stages(path, "cellseg")
+
+    merged = safetensors_torch.load_file(str(path))
+    for p in ("q", "v"):
+        a, b = merged[f"s0.{layer}.{p}A"].float(), merged[f"s0.{layer}.{p}B"].float()
+        assert a.shape == (8, 8) and b.shape == (8, 8)
+        want = sum(t[f"s{s}.{layer}.{p}B"].half().float() @ t[f"s{s}.{layer}.{p}A"].half().float() for s in (0, 1))
+        torch.testing.assert_close(b @ a, want)
+    assert "s0.full.distance_neck.0.weight" in merged

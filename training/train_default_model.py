@@ -153,29 +153,41 @@ CONTINUE_LR = 2e-4
 
 
 def merge_full_stages(path: Path, name: str) -> None:
-    """Rewrite a staged adapter whose stages hold only full tensors as one stage (float16).
+    """Rewrite a staged adapter whose stages hold only full tensors (and distance-encoder LoRA) as one stage.
 
     A continued run saves its base's tensors (stage ``s0``) and its own
     (``s1``); when the later stage trains every tensor of the earlier one
     (the distance recipe continued from the packaged model does), the
     earlier values are dead weight in the package. Each tensor keeps the
-    value of the last stage that has it; the JSON keeps the stage history.
+    value of the last stage that has it, except the distance encoder's LoRA,
+    whose stages are joined into one LoRA of their summed rank (the same
+    update); the JSON keeps the stage history.
     """
     from safetensors.torch import load_file, save_file
 
     from napari_cellseg.core.finetune import ADAPTER_FORMAT
     from napari_cellseg.core.models import file_hash
 
+    import torch
+
     tensors = load_file(str(path))
     merged: dict = {}
-    for stage in sorted({int(k.split(".", 1)[0][1:]) for k in tensors}):
+    stages = sorted({int(k.split(".", 1)[0][1:]) for k in tensors})
+    for stage in stages:
         for key, value in tensors.items():
             prefix, rest = key.split(".", 1)
             if prefix != f"s{stage}":
                 continue
-            if not rest.startswith("full."):
-                raise ValueError(f"cannot merge stage tensor {key}: only full tensors merge")
-            merged[f"s0.{rest}"] = value.half() if value.is_floating_point() else value
+            if rest.startswith("full.distance_encoder.") or not rest.startswith(("full.", "qkv.distance_encoder.")):
+                raise ValueError(f"cannot merge stage tensor {key}: only full tensors and the distance encoder's "
+                                 "LoRA merge")
+            value = value.half() if value.is_floating_point() else value
+            old = merged.get(f"s0.{rest}")
+            if old is not None and rest.startswith("qkv."):
+                # LoRA of several stages on the same layer adds up: B0 A0 + B1 A1 = [B0 B1] [A0; A1], one LoRA
+                # of the summed rank (the distance encoder has no full tensors, so the order does not matter)
+                value = torch.cat([old, value], dim=0 if rest.endswith("A") else 1)
+            merged[f"s0.{rest}"] = value
     js = path.with_suffix(".json")
     meta = json.loads(js.read_text())
     meta.update(name=name, file=path.name, dtype="float16", merged_stages=len(meta.get("stages", [])))

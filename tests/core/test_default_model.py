@@ -92,11 +92,15 @@ def test_default_model_loads_strictly_and_answers_every_mode():
     assert set(model.entry.capabilities) == {"distance", "prompt", "grid"}
     tensors, meta = read_adapter(CELLSEG_PATH)
     assert meta["base"] == "litemedsam" and meta["prompt_pathway"].startswith("base")
-    # stage 1 the joint recipe, stage 2 the distance recipe continued from it, merged into one stage of tensors
-    assert [s["recipe"] for s in meta["stages"]] == ["joint", "distance"] and meta["merged_stages"] == 2
+    # stage 1 the joint recipe, stage 2 the distance recipe continued from it, stage 3 the distance recipe with
+    # LoRA in the distance path's own encoder (a GPU run), merged into one stage of tensors
+    assert [s["recipe"] for s in meta["stages"]] == ["joint", "distance", "distance"] and meta["merged_stages"] == 3
+    assert meta["stages"][2]["config"]["encoder_lora"] and not meta["stages"][1]["config"]["encoder_lora"]
     assert {k.split(".", 1)[0] for k in tensors} == {"s0"}
-    # the adapter adds the distance head (its own neck, decoder and refiner) and changes nothing of the base
-    # network: prompts answer exactly as LiteMedSAM's
+    lora = [k for k in tensors if ".qkv." in k]
+    assert lora and all(k.startswith("s0.qkv.distance_encoder.") for k in lora)
+    # the adapter adds the distance head (its own encoder, neck, decoder and refiner) and changes nothing of
+    # the base network: prompts answer exactly as LiteMedSAM's
     base = load_model("litemedsam", device="cpu")
     import copy
 
@@ -108,8 +112,13 @@ def test_default_model_loads_strictly_and_answers_every_mode():
     after = sam.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
     added = set(after) - set(before)
-    assert {k.split(".")[0] for k in added} == {"distance_neck", "distance_decoder", "distance_refiner"}
-    assert len(added) == len(tensors)  # every stored tensor lands on a parameter
+    assert {k.split(".")[0] for k in added} == {"distance_encoder", "distance_neck", "distance_decoder",
+                                                 "distance_refiner"}
+    # every stored full tensor lands on a parameter; the distance encoder is LiteMedSAM's with the LoRA merged in
+    encoder = {k for k in added if k.startswith("distance_encoder.")}
+    assert len(added - encoder) == len(tensors) - len(lora)
+    changed = {k for k in encoder if not torch.equal(after[k], before["image_encoder." + k.split(".", 1)[1]])}
+    assert changed == {k.split(".", 2)[2][:-len(".qA")] + ".weight" for k in lora if k.endswith(".qA")}
     for k, v in model.sam.state_dict().items():
         assert torch.allclose(v, after[k]), k
 

@@ -831,3 +831,67 @@ def test_keeping_the_base_prompt_path_keeps_the_trained_distance_map(tmp_path):
     plain = run_to_completion(ft.finetune(base, ft.make_training_data(image, labels), ft.FinetuneConfig(
         recipe="distance", epochs=1, minutes=None, views=1, lr=1e-2, amp=False, refiner=False)))
     assert plain.meta["capabilities"] == ["distance"]
+
+
+def test_encoder_lora_on_a_split_model_adapts_a_copy_of_the_encoder(tmp_path):
+    """The distance recipe with encoder LoRA on a model with its own distance head (the packaged model's GPU stage).
+
+    The LoRA goes into the distance path's own copy of the image encoder: the
+    map changes, clicks and boxes keep the base's answers, and the adapter
+    round-trips through a file.
+    """
+    import copy
+
+    from napari_cellseg.core.distance_head import get_distance_encoder, keep_base_prompt_path
+    from napari_cellseg.core.models import LoadedModel
+
+    image, labels = _cells()
+    base = models.load_model(_checkpoint(tmp_path, "tinyvit_test"), device="cpu")
+    joint = run_to_completion(ft.finetune(base, ft.make_training_data(image, labels), ft.FinetuneConfig(
+        recipe="joint", epochs=2, minutes=None, views=2, lr=1e-2, amp=False, batch_size=1)))
+    sam = copy.deepcopy(base.sam)
+    ft.apply_adapter(sam, keep_base_prompt_path(joint.tensors))
+    split = LoadedModel(name="split", sam=sam.eval(), device="cpu", entry=base.entry,
+                        meta={**joint.model.meta, "prompt_pathway": "base (unchanged)"})
+    trainer = ft.Finetuner(split, ft.make_training_data(image, labels), ft.FinetuneConfig(
+        recipe="distance", epochs=3, minutes=None, lr=3e-2, amp=False, encoder_lora=True))
+    result = run_to_completion(trainer.run())
+    qkv_keys = [k for k in result.tensors if ".qkv." in k]
+    assert qkv_keys and all(".qkv.distance_encoder." in k for k in qkv_keys)
+    n_layers = len(ft.fused_qkv_layers(base.sam))
+    assert len(qkv_keys) == 4 * n_layers  # qA, qB, vA, vB of every attention layer of the copy
+    assert any(float(v.abs().max()) > 0 for k, v in result.tensors.items() if k.endswith((".qB", ".vB")))
+    # the trained model: its own encoder for the map, the base's for the prompts
+    assert get_distance_encoder(result.model.sam) is not None
+    a, b, c = _decode_outputs(result.model), _decode_outputs(base), _decode_outputs(split)
+    for x, y in zip(a[:4], b[:4]):  # clicks and boxes
+        np.testing.assert_array_equal(x, y)
+    assert np.abs(a[5] - c[5]).max() > 1e-4  # the map moved
+    # round trip through the adapter file
+    path = ft.save_adapter(result, "lora-map")
+    loaded = ft.load_adapter(path, device="cpu")
+    assert get_distance_encoder(loaded.sam) is not None
+    d = _decode_outputs(loaded)
+    for x, y in zip(d[:4], b[:4]):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_allclose(d[5], a[5], rtol=1e-4, atol=1e-5)
+    # continuing it on a CPU (encoder frozen, features cached) caches the distance encoder's features:
+    # the map computed from the cache is the model's own map
+    cont = ft.Finetuner(loaded, ft.make_training_data(image, labels), ft.FinetuneConfig(
+        recipe="distance", epochs=1, minutes=None, views=1, amp=False))
+    cont._setup()
+    spec = ft.plan_views(cont.train, 1, cont.cfg, np.random.default_rng(0))[0]
+    entry = cont._view_entry(cont.train, spec, cont.distances, with_features=True)
+    fresh = cont._view_entry(cont.train, spec, cont.distances, with_features=False)
+    with torch.no_grad():
+        cached = cont._map_logits([entry], cont._features_of(entry, distance=True))
+        direct = cont._map_logits([fresh], cont._features_of(fresh, distance=True))
+    torch.testing.assert_close(cached, direct, rtol=1e-3, atol=2e-3)  # (the cache holds float16)
+    with pytest.raises(ValueError, match="own image encoder"):
+        ft.Finetuner(loaded, ft.make_training_data(image, labels), ft.FinetuneConfig(
+            recipe="joint", epochs=1, minutes=None, views=1))._setup()
+    # LoRA of a layer the distance encoder does not have fails clearly
+    bad = {k.replace("distance_encoder.layers.1.", "distance_encoder.layers.9."): v
+           for k, v in result.tensors.items() if ".qkv." in k and ".layers.1." in k}
+    with pytest.raises(ValueError, match="does not fit"):
+        ft.apply_adapter(copy.deepcopy(split.sam), bad)

@@ -23,6 +23,15 @@ gives such models
   high-resolution features with the decoder's for the same reason; here the
   high-resolution input is the image, so nothing more is cached in training.
 
+A model trained with LoRA in its image encoder for the map (a GPU run, the
+distance recipe with ``encoder_lora`` on such a model) also has
+
+* ``sam.distance_encoder``: its own copy of the image encoder, into which the
+  LoRA updates go, so the prompts keep reading the base model's encoder. The
+  map is computed on its own crops anyway (automatic modes, the annotation
+  mode's cell map), so the copy costs memory (about 20 MB for TinyViT-5M),
+  not time.
+
 Both are ordinary submodules of the ``Sam`` and are saved with an adapter
 like any fully trained tensor (``distance_decoder.*``, ``distance_refiner.*``);
 :func:`napari_cellseg.core.predictor.distance_logits` uses them. Prompts
@@ -36,6 +45,7 @@ from typing import Any
 REFINER_ATTR = "distance_refiner"
 DECODER_ATTR = "distance_decoder"
 NECK_ATTR = "distance_neck"
+ENCODER_ATTR = "distance_encoder"
 DEFAULT_CHANNELS = 16
 
 
@@ -168,18 +178,33 @@ def attach_distance_neck(sam):
     return _attach_copy(sam, NECK_ATTR, sam.image_encoder.neck)
 
 
+def get_distance_encoder(sam) -> Any | None:
+    return getattr(sam, ENCODER_ATTR, None)
+
+
+def attach_distance_encoder(sam):
+    """Give ``sam`` its own distance-path image encoder (a copy of its image encoder) unless it has one.
+
+    Only the copy's layers before the neck are read (the distance path has its
+    own neck, :func:`attach_distance_neck`).
+    """
+    return _attach_copy(sam, ENCODER_ATTR, sam.image_encoder)
+
+
 def distance_features(sam, x):
     """Image embeddings for the distance path of encoder inputs ``x`` (normalised as the encoder expects).
 
     The image encoder's output, or, for a model with its own distance neck, the
-    features before the encoder's neck through that neck.
+    features before the encoder's neck (of the distance encoder when the model
+    has one) through that neck.
     """
     neck = get_distance_neck(sam)
     if neck is None:
         return sam.image_encoder(x)
     from .finetune import encoder_before_neck
 
-    return neck(encoder_before_neck(sam.image_encoder, x))
+    encoder = get_distance_encoder(sam)
+    return neck(encoder_before_neck(sam.image_encoder if encoder is None else encoder, x))
 
 
 def keep_base_prompt_path(tensors: dict) -> dict:

@@ -1043,12 +1043,17 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def fused_qkv_layers(sam) -> dict[str, tuple[Any, np.ndarray, np.ndarray]]:
-    """The image encoder's fused qkv layers: ``{path: (attention module, q_rows, v_rows)}``.
+ENCODER_ROOTS = ("image_encoder", "distance_encoder")
+
+
+def fused_qkv_layers(sam, roots: Sequence[str] = ENCODER_ROOTS) -> dict[str, tuple[Any, np.ndarray, np.ndarray]]:
+    """The image encoders' fused qkv layers: ``{path: (attention module, q_rows, v_rows)}``.
 
     ``path`` is the qkv layer's name in ``sam`` (e.g.
-    ``image_encoder.blocks.0.attn.qkv``). Layouts: segment-anything's ViT
-    ``[all q | all k | all v]``; TinyViT per head ``[q_h, k_h, v_h]``.
+    ``image_encoder.blocks.0.attn.qkv``, or ``distance_encoder.layers.1...``
+    for a model's distance-path encoder). ``roots``: the encoders to list.
+    Layouts: segment-anything's ViT ``[all q | all k | all v]``; TinyViT per
+    head ``[q_h, k_h, v_h]``.
     """
     from segment_anything.modeling.image_encoder import Attention as ViTAttention
 
@@ -1056,7 +1061,7 @@ def fused_qkv_layers(sam) -> dict[str, tuple[Any, np.ndarray, np.ndarray]]:
 
     out = {}
     for name, module in sam.named_modules():
-        if not name.startswith("image_encoder"):
+        if name.split(".", 1)[0] not in roots:
             continue
         if isinstance(module, (ViTAttention, WindowAttention)):
             qkv = module.qkv
@@ -1137,8 +1142,8 @@ def _inject_decoder_lora(sam, rank: int, alpha: float) -> None:
     inject_adapter_in_model(config, sam.mask_decoder)
 
 
-def _inject_encoder_lora(sam, rank: int, alpha: float) -> None:
-    for path, (attn, q_rows, v_rows) in fused_qkv_layers(sam).items():
+def _inject_encoder_lora(sam, rank: int, alpha: float, root: str = "image_encoder") -> None:
+    for path, (attn, q_rows, v_rows) in fused_qkv_layers(sam, (root,)).items():
         attn.qkv = __getattr__("FusedQKVLoRA")(attn.qkv, q_rows, v_rows, rank, alpha)
 
 
@@ -1195,8 +1200,9 @@ def apply_adapter(sam, tensors: dict[str, torch.Tensor]) -> None:
         When a tensor names a layer the model does not have or has the wrong shape.
     """
     torch = _torch()
-    from .distance_head import (REFINER_ATTR, attach_distance_decoder, attach_distance_neck, attach_refiner,
-                                get_refiner, refiner_channels_from_tensors)
+    from .distance_head import (ENCODER_ATTR, REFINER_ATTR, attach_distance_decoder, attach_distance_encoder,
+                                attach_distance_neck, attach_refiner, get_distance_encoder, get_refiner,
+                                refiner_channels_from_tensors)
 
     stages = sorted({int(k.split(".", 1)[0][1:]) for k in tensors})
     channels = refiner_channels_from_tensors({k: tuple(v.shape) for k, v in tensors.items()})
@@ -1215,6 +1221,12 @@ def apply_adapter(sam, tensors: dict[str, torch.Tensor]) -> None:
         for stage in stages:
             prefix = f"s{stage}."
             own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if any(k.startswith((f"qkv.{ENCODER_ATTR}.", f"full.{ENCODER_ATTR}.")) for k in own) \
+                    and get_distance_encoder(sam) is None:
+                # the distance path's encoder starts as the image encoder of the stages before
+                attach_distance_encoder(sam)
+                params = dict(sam.named_parameters())
+                qkv = fused_qkv_layers(sam)
             for key, value in own.items():
                 if key.startswith("full."):
                     name = key[5:]
@@ -1228,7 +1240,7 @@ def apply_adapter(sam, tensors: dict[str, torch.Tensor]) -> None:
                     a, b = own[key], own[f"lora.{path}.B"]
                     if weight is None or tuple(weight.shape) != (b.shape[0], a.shape[1]):
                         raise ValueError(f"adapter LoRA {path} does not fit the base model")
-                    weight.add_((b.float() @ a.float()).to(weight.dtype))
+                    weight.add_((b.float() @ a.float()).to(weight.device, weight.dtype))
                 elif key.startswith("qkv.") and key.endswith(".qA"):
                     path = key[4:-3]
                     if path not in qkv:
@@ -1239,8 +1251,9 @@ def apply_adapter(sam, tensors: dict[str, torch.Tensor]) -> None:
                     dv = own[f"qkv.{path}.vB"].float() @ own[f"qkv.{path}.vA"].float()
                     if dq.shape != (len(q_rows), weight.shape[1]) or dv.shape != (len(v_rows), weight.shape[1]):
                         raise ValueError(f"adapter LoRA {path} does not fit the base model")
-                    weight[torch.as_tensor(q_rows)] += dq.to(weight.dtype)
-                    weight[torch.as_tensor(v_rows)] += dv.to(weight.dtype)
+                    # (the adapter's tensors are on the CPU; the model may be on a GPU)
+                    weight[torch.as_tensor(q_rows, device=weight.device)] += dq.to(weight.device, weight.dtype)
+                    weight[torch.as_tensor(v_rows, device=weight.device)] += dv.to(weight.device, weight.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -1410,7 +1423,7 @@ class Finetuner:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
             if self.cfg.encoder_lora:
-                _inject_encoder_lora(sam, self.cfg.lora_rank, self.cfg.lora_alpha)
+                _inject_encoder_lora(sam, self.cfg.lora_rank, self.cfg.lora_alpha, self._encoder_lora_root(sam))
             if self.cfg.decoder == "lora":
                 _inject_decoder_lora(sam, self.cfg.lora_rank, self.cfg.lora_alpha)
             if self.cfg.recipe == "joint" and self.cfg.distance_decoder:
@@ -1437,6 +1450,12 @@ class Finetuner:
         if get_distance_neck(sam) is not None and self.cfg.recipe in DISTANCE_RECIPES and \
                 self.cfg.encoder_tail != "neck" and not self.cfg.encoder_lora:
             raise ValueError("this base model has its own distance neck: train with encoder_tail='neck'")
+        from .distance_head import get_distance_encoder
+
+        if get_distance_encoder(sam) is not None and self.cfg.recipe == "joint":
+            # the cached features would serve two encoders (the map's and the prompts')
+            raise ValueError("this base model's distance map has its own image encoder: continue it with the "
+                             "'distance' recipe (the map) or the 'prompt' recipe (clicks and boxes), not 'joint'")
         if self.cfg.encoder_tail == "neck":
             # the neck each loss reads: the encoder's for prompts, the distance neck (when the base has one)
             # for the distance map
@@ -1479,6 +1498,22 @@ class Finetuner:
             self.distances = [normalized_distance_map(p.labels) for p in self.train.pairs]
         else:
             self.distances = [None] * len(self.train.pairs)
+
+    def _encoder_lora_root(self, sam) -> str:
+        """Where encoder LoRA goes: the image encoder, or the distance path's own copy of it.
+
+        The distance recipe on a model whose map has its own neck and decoder
+        (the packaged ``cellseg``) adapts a copy of the encoder
+        (:func:`~napari_cellseg.core.distance_head.attach_distance_encoder`), so
+        the prompts keep the base encoder's answers.
+        """
+        from .distance_head import ENCODER_ATTR, attach_distance_encoder, get_distance_decoder, get_distance_neck
+
+        if self.cfg.recipe == "distance" and get_distance_neck(sam) is not None \
+                and get_distance_decoder(sam) is not None:
+            attach_distance_encoder(sam)
+            return ENCODER_ATTR
+        return "image_encoder"
 
     def _unsaturate(self, entries: list[dict]) -> float | None:
         """Scale the default prompt's output layer so its logits start near +-1 (distance recipe).
@@ -1545,8 +1580,15 @@ class Finetuner:
             return distance_features(sam, x) if distance else sam.image_encoder(x)
         with torch.no_grad():
             if self._cache_neck_input:
-                return encoder_before_neck(sam.image_encoder, x)
+                return encoder_before_neck(self._cached_encoder(sam), x)
             return sam.image_encoder(x)
+
+    def _cached_encoder(self, sam):
+        """The encoder whose features are cached: the distance path's own one for the distance recipe."""
+        from .distance_head import get_distance_encoder
+
+        own = get_distance_encoder(sam)
+        return own if own is not None and self.cfg.recipe == "distance" else sam.image_encoder
 
     def _cache_path(self, pair: TrainingPair, spec: ViewSpec) -> Path | None:
         if not self.cfg.feature_cache:
@@ -1554,7 +1596,8 @@ class Finetuner:
         import hashlib
 
         key = (f"{self._model_tag}|{pair.key}|{spec.key()}|{self.cfg.clahe}|{self.input_size}|"
-               f"{'neck-input' if self._cache_neck_input else 'embedding'}")
+               f"{'neck-input' if self._cache_neck_input else 'embedding'}"
+               f"{'|distance-encoder' if self._cached_encoder(self._sam) is not self._sam.image_encoder else ''}")
         h = hashlib.sha256(key.encode()).hexdigest()[:32]
         return Path(self.cfg.feature_cache) / f"{h}.npy"
 
@@ -1587,6 +1630,14 @@ class Finetuner:
         else:
             entry["image"] = view["image"]
         return entry
+
+    def _render_entries(self, specs: Sequence[ViewSpec]) -> list[dict]:
+        """Render training views with their pixels (encoder in the loop: no feature cache).
+
+        One after the other; a training script on a GPU machine overrides this
+        to render in worker processes (``training/train_encoder_stage.py``).
+        """
+        return [self._view_entry(self.train, s, self.distances, with_features=False) for s in specs]
 
     # -- losses ----------------------------------------------------------------------
 
@@ -1632,7 +1683,16 @@ class Finetuner:
         torch = _torch()
         import torch.nn.functional as F
 
-        feats = torch.cat([self._features_of(e, distance=True) for e in entries])
+        from .distance_head import distance_features
+
+        if all("image" in e for e in entries):
+            # encoder in the loop: one batched forward (and backward) for all the views
+            x = torch.from_numpy(np.stack([e["image"] for e in entries]).transpose(0, 3, 1, 2).copy())
+            x = (x.to(self.device) * 255.0 - self._sam.pixel_mean) / self._sam.pixel_std
+            with self._autocast():
+                feats = distance_features(self._sam, x)
+        else:
+            feats = torch.cat([self._features_of(e, distance=True) for e in entries])
         with self._autocast():
             logits = self._map_logits(entries, feats)
         up = F.interpolate(logits.float(), (self.input_size, self.input_size), mode="bilinear",
@@ -2103,7 +2163,7 @@ class Finetuner:
                 batch = [entries[i] for i in take]
             else:
                 specs = plan_views(self.train, bs if cfg.recipe in DISTANCE_RECIPES else 1, cfg, rng)
-                batch = [self._view_entry(self.train, s, self.distances, with_features=False) for s in specs]
+                batch = self._render_entries(specs)
                 epoch = self._steps // per_epoch + 1
             if cfg.recipe == "distance":
                 loss = self._distance_loss(batch)
