@@ -681,7 +681,7 @@ def test_a_click_becomes_the_grown_box_of_its_map_cell(map_model, image):
 
 def test_clicks_off_the_map_or_cancelled_by_a_negative_point_stay_points(map_model, image):
     model, _ = map_model
-    seg = InteractiveSegmenter(model)
+    seg = InteractiveSegmenter(model, config=AnnotationConfig(missed_click="point"))
     seg.set_image(image)
     background = ObjectPrompt(points=[[150, 20]])
     cancelled = ObjectPrompt(points=[[60, 75], [62, 70]], labels=[1, 0])
@@ -689,12 +689,43 @@ def test_clicks_off_the_map_or_cancelled_by_a_negative_point_stay_points(map_mod
     out = seg.guide_clicks([background, cancelled, near])
     assert out[0] is background and out[1] is cancelled
     assert out[2].box is not None and out[2].box[0] < 41
-    strict = InteractiveSegmenter(model, config=AnnotationConfig(map_radius=0))
+    strict = InteractiveSegmenter(model, config=AnnotationConfig(map_radius=0, missed_click="point"))
     strict.set_image(image)
     assert strict.guide_clicks([near])[0].box is None
     # a negative point elsewhere is kept with the box
     kept = seg.guide_clicks([ObjectPrompt(points=[[60, 75], [150, 20]], labels=[1, 0])])[0]
     assert kept.box is not None and kept.points.tolist() == [[150.0, 20.0]] and kept.labels.tolist() == [0.0]
+
+
+def test_a_click_the_map_misses_gets_a_box_of_the_typical_cell_size(map_model, image):
+    """missed_click="box" (the default): SAM gets a square box centred on the click, not a point."""
+    from scipy import ndimage as ndi
+
+    model, _ = map_model
+    seg = InteractiveSegmenter(model)
+    seg.set_image(image)
+    assert seg.config.missed_click == "box"
+    click = ObjectPrompt(points=[[150, 20], [10, 10]], labels=[1, 0])  # background; a negative point elsewhere
+    (out,) = seg.guide_clicks([click])
+    # the window's map cells (the bright rectangles inside the 256 px window, less their border ring)
+    _, regions = seg.cell_map(seg.map_window(np.array([150.0, 20.0])))
+    areas = np.bincount(regions.ravel())[1:]
+    side = 1.2 * np.sqrt(4 * np.median(areas[areas > 0]) / np.pi)
+    assert out.box is not None
+    np.testing.assert_allclose(out.box[2] - out.box[0], side + 1, atol=1e-6)
+    np.testing.assert_allclose(out.box[3] - out.box[1], min(side / 2 + 21, side + 1), atol=1e-6)  # cut at col 0
+    np.testing.assert_allclose((out.box[0] + out.box[2] - 1) / 2, 150, atol=1e-6)
+    assert out.points.tolist() == [[10.0, 10.0]] and out.labels.tolist() == [0.0]
+    assert ndi.label(regions)[1] >= 1
+    # and it segments (SAM draws from the box)
+    obj = seg.segment(click)
+    assert obj.to_full(image.shape).any()
+    # a window whose map has no cell keeps the point
+    blank = np.zeros_like(image)
+    seg.set_image(blank)
+    assert seg.guide_clicks([click])[0] is click
+    with pytest.raises(ValueError, match="missed_click"):
+        AnnotationConfig(missed_click="nearest")
 
 
 def test_map_clicks_segment_and_run_reports_the_map(map_model, image):

@@ -171,7 +171,7 @@ class AnnotationConfig:
         training crop, 256 px) and cut into cells as the distance mode does;
         the cell under the click, its box grown by 10 %, becomes a box prompt
         (negative points are kept; a negative point on a map cell removes that
-        cell). A click where the map sees no cell stays a point prompt. A
+        cell). A click where the map sees no cell: see ``missed_click``. A
         model that cannot draw from prompts (a ``distance``-recipe adapter,
         whose mask decoder now draws the map) answers a click with the map
         cell itself.
@@ -182,6 +182,13 @@ class AnnotationConfig:
     map_radius : int
         A click up to this many pixels outside every map cell takes the
         nearest one.
+    missed_click : {"box", "point"}
+        A click (answered from the map) on which the map sees no cell:
+        ``"box"`` gives SAM a square box centred on the click, the size of the
+        window's typical map cell (the median cell area's equivalent
+        diameter, grown by 20 %); ``"point"`` gives SAM the click as a point
+        (LiteMedSAM, never trained with points: a speckle). Either way the
+        click stays a point where the window's map has no cell at all.
     views : int or None
         Test-time augmentation: each window is embedded in this many
         orientations (1, 2, 4 or 8 of the square's symmetries: the identity,
@@ -228,6 +235,7 @@ class AnnotationConfig:
     high: float = 99.8
     clicks_from_map: bool = True
     map_radius: int = 4
+    missed_click: str = "box"
     views: int | None = None
     invert: bool | None = None
 
@@ -244,6 +252,8 @@ class AnnotationConfig:
             raise ValueError("max_memory_mb must be >= 0")
         if int(self.map_radius) < 0:
             raise ValueError(f"map_radius must be >= 0 pixels, got {self.map_radius}")
+        if self.missed_click not in ("box", "point"):
+            raise ValueError(f"missed_click must be 'box' or 'point', got {self.missed_click!r}")
         if self.views is not None and self.views not in VIEW_COUNTS:
             raise ValueError(f"views must be one of {', '.join(map(str, VIEW_COUNTS))} (or None: by device), "
                              f"got {self.views!r}")
@@ -1366,7 +1376,12 @@ class InteractiveSegmenter:
                     cell, window, shape):
                 window, cell = fresh, self._cell_under(p, fresh)  # cut by a reused window's edge
             if cell is None:
-                out.append(p)
+                box = self._typical_box(centre, window) if self._draws_prompts() else None
+                if box is None:
+                    out.append(p)
+                else:
+                    negative = p.labels <= 0
+                    out.append(ObjectPrompt(points=p.points[negative], labels=p.labels[negative], box=box))
                 continue
             dmap, _ = self.cell_map(window)
             # the guided mode's box: grown by 10 % (at least 2 px), clipped to the window
@@ -1379,6 +1394,21 @@ class InteractiveSegmenter:
                 answer = ObjectMask(mask=crop, offset=off, score=float(dmap[cell].max()), window=window)
             out.append(ObjectPrompt(points=p.points[negative], labels=p.labels[negative], box=box, answer=answer))
         return out
+
+    def _typical_box(self, centre: np.ndarray, window: Window) -> np.ndarray | None:
+        """A box of the window's typical map-cell size centred on ``centre`` (``missed_click="box"``), or None."""
+        if self.config.missed_click != "box":
+            return None
+        _, regions = self.cell_map(window)
+        areas = np.bincount(regions.ravel())[1:]
+        areas = areas[areas > 0]
+        if not len(areas):
+            return None
+        half = 1.2 * np.sqrt(4.0 * float(np.median(areas)) / np.pi) / 2.0
+        rows, cols = self.image_shape
+        r, c = float(centre[0]), float(centre[1])
+        return np.array([max(0.0, r - half), max(0.0, c - half), min(float(rows), r + half + 1),
+                         min(float(cols), c + half + 1)])
 
     def _draws_prompts(self) -> bool:
         """False for models whose mask decoder was retrained to draw the map (no ``"prompt"`` capability)."""
