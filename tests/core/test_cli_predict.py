@@ -175,3 +175,30 @@ def test_clicks_with_the_default_model_are_answered_from_its_cell_map(tmp_path, 
             ious.append((m & g).sum() / (m | g).sum())
         mean_iou[bool(flag)] = float(np.mean(ious))
     assert mean_iou[False] > 0.7 and mean_iou[False] > mean_iou[True] + 0.2, mean_iou
+
+
+def test_missed_click_option_reaches_the_annotation_config(tmp_path, monkeypatch, capsys):
+    """--missed-click box|point sets AnnotationConfig.missed_click (box by default); other values are refused."""
+    from napari_cellseg.core import interactive
+
+    seen = []
+
+    class Capture(interactive.InteractiveSegmenter):
+        def __init__(self, model, config=None):
+            seen.append(config.missed_click)
+            raise KeyboardInterrupt  # stop before any network work
+
+    monkeypatch.setattr(interactive, "InteractiveSegmenter", Capture)  # the command imports it when it runs
+    image, _ = make_cells((64, 64), n=2, seed=0)
+    tifffile.imwrite(tmp_path / "c.tif", (image * 1000).astype(np.uint16))
+    base = ["predict", str(tmp_path / "c.tif"), "--model", "litemedsam", "--device", "cpu", "--point", "20", "20",
+            "--out", str(tmp_path / "o.tif")]
+    for extra, want in (([], "box"), (["--missed-click", "point"], "point")):
+        try:
+            main(base + extra)
+        except (KeyboardInterrupt, SystemExit):
+            pass
+        assert seen[-1] == want
+    with pytest.raises(SystemExit) as err:
+        main(base + ["--missed-click", "nearest"])
+    assert err.value.code == 2 and "invalid choice" in capsys.readouterr().err

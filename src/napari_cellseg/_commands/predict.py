@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-map-clicks", action="store_true",
                         help="give clicks to SAM as points even when the model predicts a cell map (by default "
                              "such a model answers a click with its map cell's box, as the widget does)")
+    parser.add_argument("--missed-click", choices=["box", "point"], default="box",
+                        help="a click on which the cell map sees no cell: a box of the typical cell size centred on "
+                             "it (default, as in the widget) or the click as a point")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     add_precision_argument(parser)
     parser.add_argument("--channel", type=int, default=None, help="channel of a multichannel image")
@@ -134,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.model or models.DEFAULT_MODEL  # read at run time: the catalogue's default may change
     model = models.load_model(name, device=args.device, precision=args.precision)
     config = AnnotationConfig(zoom="auto" if args.zoom else "off", mask_threshold=args.mask_threshold,
-                              clicks_from_map=not args.no_map_clicks, views=args.views,
+                              clicks_from_map=not args.no_map_clicks, missed_click=args.missed_click,
+                              views=args.views,
                               invert={"auto": None, "on": True, "off": False}[args.invert])
     segmenter = InteractiveSegmenter(model, config=config)
     segmenter.set_image(image, channel=args.channel)
