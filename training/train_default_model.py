@@ -198,12 +198,16 @@ def merge_full_stages(path: Path, name: str) -> None:
     js.write_text(json.dumps(meta, indent=1))
 
 
-def train_and_stage(base, data, cfg, args, label: str) -> Path:
-    """Run the fine-tuning with a progress bar; save its adapter (float16) as ``--out/NAME.safetensors``."""
+def train_and_stage(base, data, cfg, args, label: str, trainer=None) -> Path:
+    """Run the fine-tuning with a progress bar; save its adapter (float16) as ``--out/NAME.safetensors``.
+
+    ``trainer``: a ready :class:`~napari_cellseg.core.finetune.Finetuner` (of a subclass) to run instead of a
+    plain one on ``base``, ``data`` and ``cfg``.
+    """
     from napari_cellseg.core.finetune import Finetuner, save_adapter
     from napari_cellseg.core.progress import TerminalProgress
 
-    gen = Finetuner(base, data, cfg).run()
+    gen = (trainer or Finetuner(base, data, cfg)).run()
     bar = TerminalProgress(label)
     try:
         while True:

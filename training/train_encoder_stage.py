@@ -230,11 +230,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from napari_cellseg.core.finetune import FinetuneConfig, load_adapter, make_training_data, save_adapter
+    from napari_cellseg.core.finetune import FinetuneConfig, load_adapter, make_training_data
     from napari_cellseg.core.models import file_hash
-    from napari_cellseg.core.progress import TerminalProgress
 
-    from train_default_model import merge_full_stages
+    from train_default_model import merge_full_stages, train_and_stage
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -252,29 +251,19 @@ def main(argv=None) -> int:
                          lora_alpha=float(args.rank), lr=args.lr, full_lr=args.full_lr, batch_size=args.batch_size,
                          seed=args.seed, patience=0, device=args.device, tune_thresholds=False,
                          thresholds=dict(base.meta.get("thresholds") or {"peak": 0.47, "fill": 0.09}))
+    args.out.mkdir(parents=True, exist_ok=True)
     cls, state = pooled_finetuner(args.workers)
     trainer = cls(base, data, cfg)
-    gen = trainer.run()
     t_train = time.time()
-    bar = TerminalProgress("stage 3")
     try:
-        while True:
-            bar(next(gen))
-    except StopIteration as stop:
-        result = stop.value
-    bar.close()
-    if "pool" in state:
-        state["pool"].terminate()
-    hist = result.meta.get("history") or []
+        path = train_and_stage(base, data, cfg, args, "stage 3", trainer=trainer)
+    finally:
+        if "pool" in state:
+            state["pool"].terminate()
     train_s = time.time() - t_train
     print(f"steps {trainer._steps} ({trainer._steps / train_s:.2f}/s over {train_s:.0f} s, views of "
-          f"{args.batch_size}), trainable {trainer.n_trainable()}; window losses {[round(h['loss'], 5) for h in trainer._history if h.get('loss') is not None]}",
-          flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    staged = save_adapter(result, f"{args.name}-build", directory=args.out, overwrite=True, dtype="float16")
-    path = args.out / f"{args.name}.safetensors"
-    staged.replace(path)
-    staged.with_suffix(".json").replace(path.with_suffix(".json"))
+          f"{args.batch_size}), trainable {trainer.n_trainable()}; window losses "
+          f"{[round(h['loss'], 5) for h in trainer._history if h.get('loss') is not None]}", flush=True)
     merge_full_stages(path, args.name)
     meta = json.loads(path.with_suffix(".json").read_text())
     meta["thresholds"] = dict(base.meta.get("thresholds") or {})
