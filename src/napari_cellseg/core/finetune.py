@@ -1574,14 +1574,20 @@ class Finetuner:
         from .distance_head import distance_features
 
         sam = sam or self._sam
-        x = torch.from_numpy(np.ascontiguousarray(image01.transpose(2, 0, 1)))[None].to(self.device)
-        x = (x * 255.0 - sam.pixel_mean) / sam.pixel_std
+        x = self._encoder_input([image01], sam)
         if grad:
             return distance_features(sam, x) if distance else sam.image_encoder(x)
         with torch.no_grad():
             if self._cache_neck_input:
                 return encoder_before_neck(self._cached_encoder(sam), x)
             return sam.image_encoder(x)
+
+    def _encoder_input(self, images01: Sequence[np.ndarray], sam=None):
+        """Views ``(H, W, 3)`` in [0, 1] as the encoder's normalised input batch, on the training device."""
+        torch = _torch()
+        sam = sam or self._sam
+        x = torch.from_numpy(np.ascontiguousarray(np.stack(images01).transpose(0, 3, 1, 2))).to(self.device)
+        return (x * 255.0 - sam.pixel_mean) / sam.pixel_std
 
     def _cached_encoder(self, sam):
         """The encoder whose features are cached: the distance path's own one for the distance recipe."""
@@ -1687,8 +1693,7 @@ class Finetuner:
 
         if all("image" in e for e in entries):
             # encoder in the loop: one batched forward (and backward) for all the views
-            x = torch.from_numpy(np.stack([e["image"] for e in entries]).transpose(0, 3, 1, 2).copy())
-            x = (x.to(self.device) * 255.0 - self._sam.pixel_mean) / self._sam.pixel_std
+            x = self._encoder_input([e["image"] for e in entries])
             with self._autocast():
                 feats = distance_features(self._sam, x)
         else:
