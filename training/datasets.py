@@ -90,6 +90,11 @@ def dsb_index() -> list[dict]:
     return records
 
 
+def dsb_name(record: dict) -> str:
+    """A DSB image's name in training data and logs: ``dsb <group> <first 12 characters of the file>``."""
+    return f"dsb {record['group']} {record['file'][:12]}"
+
+
 def dsb_pair(name: str) -> tuple[np.ndarray, np.ndarray]:
     import tifffile
 

@@ -64,7 +64,7 @@ def build_training_data(dsb_limit: int | None = None):
         img, lab = datasets.dsb_pair(r["file"])
         images.append(img)
         labels.append(lab)
-        names.append(f"dsb {r['group']} {r['file'][:12]}")
+        names.append(datasets.dsb_name(r))
     return make_training_data(images, labels, names=names)
 
 

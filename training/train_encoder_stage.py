@@ -76,13 +76,9 @@ def pack(folder: Path) -> None:
 
     from napari_cellseg.core.models import load_model
 
-    datasets.require_data()
+    pairs = load_pairs(None, dsb_every=PACK_DSB_EVERY)
     folder.mkdir(parents=True, exist_ok=True)
-    train_u, train_d, select_u, select_d = split_files(PACK_DSB_EVERY)
-    items = [("train", f"usiigaci set{k}", *datasets.usiigaci_pair(k)) for k in train_u]
-    items += [("train", f"dsb {r['group']} {r['file'][:12]}", *datasets.dsb_pair(r["file"])) for r in train_d]
-    items += [("select", f"usiigaci set{k}", *datasets.usiigaci_pair(k)) for k in select_u]
-    items += [("select", f"dsb {r['group']} {r['file'][:12]}", *datasets.dsb_pair(r["file"])) for r in select_d]
+    items = [(part, name, image, labels) for part in ("train", "select") for image, labels, name in pairs[part]]
     index = []
     for n, (part, name, image, labels) in enumerate(items):
         file = f"{n:04d}.npz"
@@ -101,8 +97,11 @@ def pack(folder: Path) -> None:
           f"into {folder}: {size / 1e6:.1f} MB")
 
 
-def load_pairs(pack_dir: Path | None):
-    """{"train": [(image, labels, name)], "select": [...]} from the pack or from ../shared."""
+def load_pairs(pack_dir: Path | None, dsb_every: int = 1):
+    """{"train": [(image, labels, name)], "select": [...]} from the pack or from ../shared.
+
+    ``dsb_every``: from ../shared, every n-th DSB training image (see :func:`split_files`).
+    """
     out: dict[str, list] = {"train": [], "select": []}
     if pack_dir is not None:
         for item in json.loads((pack_dir / "index.json").read_text()):
@@ -110,10 +109,10 @@ def load_pairs(pack_dir: Path | None):
                 out[item["part"]].append((z["image"], z["labels"], item["name"]))
         return out
     datasets.require_data()
-    train_u, train_d, select_u, select_d = split_files()
+    train_u, train_d, select_u, select_d = split_files(dsb_every)
     for part, us, ds in (("train", train_u, train_d), ("select", select_u, select_d)):
         out[part] += [(*datasets.usiigaci_pair(k), f"usiigaci set{k}") for k in us]
-        out[part] += [(*datasets.dsb_pair(r["file"]), f"dsb {r['group']} {r['file'][:12]}") for r in ds]
+        out[part] += [(*datasets.dsb_pair(r["file"]), datasets.dsb_name(r)) for r in ds]
     return out
 
 

@@ -1355,8 +1355,9 @@ class InteractiveSegmenter:
         """The prompts with each click replaced by the box of its cell in the map (see ``clicks_from_map``).
 
         Maps not computed yet are computed here (blocking; :meth:`run` computes
-        them first, with progress). Prompts with a box, and clicks on which the
-        map sees no cell, are returned unchanged.
+        them first, with progress). A click on which the map sees no cell gets
+        a box of the window's typical cell size (``missed_click="box"``, the
+        default) or is returned unchanged, as are prompts with a box.
         """
         from . import postprocess as pp
 
@@ -1370,6 +1371,7 @@ class InteractiveSegmenter:
                 out.append(p)
                 continue
             centre = p.positive.mean(axis=0)
+            negative = p.labels <= 0  # negative points go along with the box
             window = self.map_window(centre, self._cached_map_windows())
             cell = self._cell_under(p, window)
             if cell is not None and window != (fresh := self.map_window(centre)) and _touches_inner_edge(
@@ -1380,14 +1382,12 @@ class InteractiveSegmenter:
                 if box is None:
                     out.append(p)
                 else:
-                    negative = p.labels <= 0
                     out.append(ObjectPrompt(points=p.points[negative], labels=p.labels[negative], box=box))
                 continue
             dmap, _ = self.cell_map(window)
             # the guided mode's box: grown by 10 % (at least 2 px), clipped to the window
             _, _, boxes = pp.region_prompts(cell.astype(np.int32), dmap, margin=0.1)
             box = boxes[0] + np.tile(window.offset, 2)
-            negative = p.labels <= 0
             answer = None
             if not self._draws_prompts():
                 crop, off = _tight(cell, window.offset)
