@@ -21,7 +21,17 @@ def machine() -> str:
     import torch
 
     return (f"{platform.platform()}, {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-            f"Python {platform.python_version()}, torch {torch.__version__} with {torch.get_num_threads()} threads")
+            f"Python {platform.python_version()}, torch {torch.__version__} with {torch.get_num_threads()} threads, "
+            f"{encoder_precision()}")
+
+
+def encoder_precision() -> str:
+    """The image encoder's arithmetic of models loaded without ``precision`` on the CPU (the default setting)."""
+    from napari_cellseg.core.models import default_precision, resolve_precision
+
+    asked = default_precision()
+    got = resolve_precision(asked, "cpu")
+    return f"image encoder in {got}" + (f" (precision {asked})" if asked != got else "")
 
 
 def header(title: str) -> str:

@@ -1,4 +1,9 @@
-"""Benchmark of fine-tuning on ONE Usiigaci image, evaluated on held-out Usiigaci images.
+"""Benchmark of fine-tuning on ONE image, evaluated on held-out images of the same kind.
+
+By default the images are Usiigaci's; with ``--dsb-group`` they come from one
+group of DSB 2018 (e.g. ``"360x360 fluorescence"``, a group the default model
+``cellseg`` never trained on: the case of a user whose cells the shipped model
+has not seen), the training image and the held-out images from that group.
 
 Trains each recipe (``prompt``: CellSeg1 LoRA, ``distance``: SAMCell) on one
 image of ``../shared/data/usiigaci-phase-train`` (team split: sets 1-35 train,
@@ -26,6 +31,7 @@ pointed there unless ``--keep`` names a folder), never the user's.
 Usage::
 
     python benchmarks/bench_finetune.py --base litemedsam cellseg --train-set 35 --val-sets 36-45 --minutes 10
+    python benchmarks/bench_finetune.py --base cellseg --recipes distance --dsb-group "360x360 fluorescence" --minutes 3
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -44,6 +51,36 @@ import numpy as np
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "usiigaci-phase-train"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from datasets import clean_labels  # noqa: E402  (largest piece of each label, SOURCE.md's caveat)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import encoder_precision  # noqa: E402
+
+
+def dsb_group_split(group: str, train_index: int, val_every: int) -> tuple[str, list[str]]:
+    """The training image and the held-out images of one DSB group (file names).
+
+    The group's images are taken in file-name order; image ``train_index`` is
+    the training image, and every ``val_every``-th of the others is held out
+    (never the training image).
+    """
+    import datasets
+
+    files = [r["file"] for r in datasets.dsb_index() if r["group"] == group]
+    if not files:
+        groups = sorted({r["group"] for r in datasets.dsb_index()})
+        raise SystemExit(f"no DSB group {group!r}; groups: {', '.join(groups)}")
+    if not 0 <= train_index < len(files):
+        raise SystemExit(f"--train-index must be in 0..{len(files) - 1} for group {group!r}")
+    train = files[train_index]
+    others = [f for f in files if f != train]
+    return train, others[::max(1, val_every)]
+
+
+def dsb_pair(name: str) -> tuple[np.ndarray, np.ndarray]:
+    import datasets
+
+    image, labels = datasets.dsb_pair(name)
+    return image, clean_labels(labels)
 
 
 def parse_sets(text: str) -> list[int]:
@@ -128,14 +165,15 @@ def eval_automatic(model, image: np.ndarray, gt: np.ndarray, mode: str) -> dict:
 def markdown(report: dict) -> str:
     """The report as a markdown section: machine, command, date, then one table row per model."""
     lines = [
-        "### Fine-tuning on one Usiigaci image (bench_finetune.py)",
+        f"### Fine-tuning on one {report.get('source', 'Usiigaci')} image (bench_finetune.py)",
         "",
         f"- Machine: {report['machine']}; load average {report['load_average_start']:.1f} at the start, "
         f"{report['load_average_end']:.1f} at the end",
         f"- Command: `python benchmarks/{report['command']}`",
         f"- Date: {report['date']} UTC",
-        f"- Training image: train_set{report['train_set']} ({report['train_cells']} cells); held out: "
-        + ", ".join(f"train_set{k}" for k in report["val_sets"])
+        f"- Training image: {report['train_name'][:24]} ({report['train_cells']} cells); held out: "
+        + (", ".join(f"train_set{k}" for k in report["val_sets"]) if "dsb_group" not in report
+           else f"{len(report['val_sets'])} other images of the group")
         + (f"; clicks on {report['cells']} sampled cells per image" if report.get("cells") else ""),
         "",
         "| model | training | click AP@0.5 | click AP@0.75 | click IoU | distance AP@0.5 | distance AP@0.75 "
@@ -167,6 +205,13 @@ def main(argv=None) -> int:
                         help="Usiigaci set (1-35) to train on (35: its cells are the size of the held-out sets' "
                              "cells, about 1,300 px; those of sets 1-12 are about 3,500 px)")
     parser.add_argument("--val-sets", default="36-45", help="held-out sets, e.g. 36-45 or 36,40,44")
+    parser.add_argument("--dsb-group", default=None,
+                        help="train and evaluate on one DSB 2018 group instead of Usiigaci, e.g. "
+                             "'360x360 fluorescence' (held out whole from the default model's training)")
+    parser.add_argument("--train-index", type=int, default=0,
+                        help="with --dsb-group: the training image's position in the group (file-name order)")
+    parser.add_argument("--val-every", type=int, default=4,
+                        help="with --dsb-group: hold out every N-th of the group's other images")
     parser.add_argument("--recipes", default="prompt,distance")
     parser.add_argument("--minutes", type=float, default=10.0, help="time budget of each training run")
     parser.add_argument("--base", nargs="+", default=["litemedsam"],
@@ -193,36 +238,49 @@ def main(argv=None) -> int:
     from napari_cellseg.core.progress import TerminalProgress, run_to_completion
 
     extra = json.loads(args.config)
-    val_sets = parse_sets(args.val_sets)
-    if args.train_set in val_sets:
-        raise SystemExit("the training set must not be one of the validation sets")
-    image, labels = read_pair(args.data, args.train_set)
-    labels = clean_labels(labels)
+    if args.dsb_group:
+        train_name, val_files = dsb_group_split(args.dsb_group, args.train_index, args.val_every)
+        image, labels = dsb_pair(train_name)
+        val_sets: list = val_files
+        source = f"DSB 2018 '{args.dsb_group}'"
+    else:
+        val_sets = parse_sets(args.val_sets)
+        if args.train_set in val_sets:
+            raise SystemExit("the training set must not be one of the validation sets")
+        image, labels = read_pair(args.data, args.train_set)
+        labels = clean_labels(labels)
+        train_name, source = f"train_set{args.train_set}", "Usiigaci"
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                   f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+                   f"torch {torch.__version__}, {torch.get_num_threads()} threads, {encoder_precision()}",
         "load_average_start": os.getloadavg()[0],
-        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "command": shlex.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "train_set": args.train_set,
+        "train_name": train_name,
+        "source": source,
         "train_cells": int(len(np.unique(labels)) - 1),
         "val_sets": val_sets,
         "cells": args.cells,
         "runs": {},
     }
+    if args.dsb_group:
+        report["dsb_group"] = args.dsb_group
+        del report["train_set"]
     models = {}
     for base_name in args.base:
         base = load_model(base_name, device="cpu")
         models[f"{base_name} (zero-shot)"] = base
         for recipe in [r for r in args.recipes.split(",") if r]:
             cfg = ft.FinetuneConfig(recipe=recipe, minutes=args.minutes, **extra)
-            data = ft.make_training_data(image, labels, names=[f"train_set{args.train_set}"])
+            data = ft.make_training_data(image, labels, names=[train_name])
             progress = TerminalProgress(f"{base_name} {recipe}")
             t0 = time.monotonic()
             result = run_to_completion(ft.Finetuner(base, data, cfg).run(), progress)
             wall = time.monotonic() - t0
             progress.close()
-            name = f"bench-{base_name}-{recipe}-set{args.train_set}"
+            name = f"bench-{base_name}-{recipe}-" + (f"set{args.train_set}" if not args.dsb_group
+                                                     else f"dsb{args.train_index}")
             ft.save_adapter(result, name, overwrite=True)
             key = f"{base_name} + {recipe}"
             models[key] = load_model(name, device="cpu")
@@ -235,8 +293,11 @@ def main(argv=None) -> int:
     per_image = {}
     t_eval = time.monotonic()
     for k in val_sets:
-        img, gt = read_pair(args.data, k)
-        gt = clean_labels(gt)
+        if args.dsb_group:
+            img, gt = dsb_pair(k)
+        else:
+            img, gt = read_pair(args.data, k)
+            gt = clean_labels(gt)
         row: dict = {"clicks": {}, "distance": {}, "grid": {}}
         for name, model in models.items():
             if "clicks" in args.modes:
@@ -246,7 +307,7 @@ def main(argv=None) -> int:
             if "grid" in args.modes and "prompt" in model.entry.capabilities:
                 row["grid"][name] = eval_automatic(model, img, gt, "grid")
         per_image[k] = row
-        print(f"set {k}: " + json.dumps({m: {n: round(v["ap50"], 3) for n, v in r.items()} for m, r in row.items()}),
+        print(f"{k}: " + json.dumps({m: {n: round(v["ap50"], 3) for n, v in r.items()} for m, r in row.items()}),
               file=sys.stderr)
     report["eval_seconds"] = round(time.monotonic() - t_eval, 1)
     report["per_image"] = per_image

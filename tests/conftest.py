@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# The suite runs the image encoder in float32 so that its figures are the same on every CPU: the product's default
+# precision ("auto") is bfloat16 on CPUs with native bfloat16. Tests of "auto" itself unset this variable
+# (tests/core/test_models.py, tests/core/test_default_model.py, tests/napari/test_model_widget.py).
+os.environ.setdefault("NAPARI_CELLSEG_PRECISION", "float32")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -161,6 +161,23 @@ def test_default_model_regression_on_held_out_usiigaci(shared_data):
     assert got["click_iou"] > points["click_iou"] + 0.05, (got["click_iou"], points["click_iou"])
 
 
+@pytest.mark.timeout(600)
+def test_default_model_regression_in_the_default_precision(shared_data, monkeypatch):
+    """The card's figures hold in the precision users get by default: ``auto``, bfloat16 on CPUs with native
+    bfloat16 (the suite itself runs in float32, tests/conftest.py)."""
+    from napari_cellseg.core import models
+
+    if models.resolve_precision("auto", "cpu") == "float32":
+        pytest.skip("this CPU has no native bfloat16, so auto is float32: the float32 regression test covers it")
+    monkeypatch.delenv(models.PRECISION_ENV, raising=False)
+    model = models.load_model("cellseg", device="cpu")
+    assert model.precision == "bfloat16"
+    expected = card_figures()
+    got = regression_figures(shared_data, model)
+    assert got["ap50"] >= expected["ap50"] - TOLERANCE, (got["ap50"], expected)
+    assert got["click_iou"] >= expected["click_iou"] - TOLERANCE, (got["click_iou"], expected)
+
+
 if __name__ == "__main__":  # print the figures for docs/model_card.md
     from napari_cellseg.core.models import load_model
 

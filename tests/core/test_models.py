@@ -206,19 +206,38 @@ def test_xxh128_checksums_are_supported(tmp_path):
 
 def test_encoder_precision_is_checked_and_shares_the_network(monkeypatch):
     assert models.check_precision("bf16") == "bfloat16" and models.check_precision("Float32") == "float32"
-    with pytest.raises(ValueError, match="float32, bfloat16"):
+    assert models.check_precision(" AUTO ") == "auto"
+    with pytest.raises(ValueError, match="auto, float32, bfloat16"):
         models.check_precision("fp8")
     monkeypatch.delenv(models.PRECISION_ENV, raising=False)
-    assert models.default_precision() == "float32"
+    assert models.default_precision() == "auto"
     monkeypatch.setenv(models.PRECISION_ENV, "bf16")
     assert models.default_precision() == "bfloat16"
     monkeypatch.setenv(models.PRECISION_ENV, "half")
     with pytest.raises(ValueError, match=r"\$NAPARI_CELLSEG_PRECISION: unknown precision 'half'"):
         load_model("litemedsam", device="cpu")
-    monkeypatch.delenv(models.PRECISION_ENV)
+    monkeypatch.setenv(models.PRECISION_ENV, "float32")
     fp32 = load_model("litemedsam", device="cpu")
     bf16 = load_model("litemedsam", device="cpu", precision="bfloat16")
     assert fp32.precision == "float32" and bf16.precision == "bfloat16"
     assert bf16.sam is fp32.sam  # one network in memory, two ways of running its encoder
     assert "bfloat16 encoder" in bf16.describe() and "bfloat16" not in fp32.describe()
     assert bf16.with_precision("float32").precision == "float32" and fp32.with_precision(None) is fp32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bfloat16_only_on_a_cpu_with_native_bfloat16(monkeypatch, native):
+    monkeypatch.setattr(models, "native_bfloat16", lambda device: native and device == "cpu")
+    assert models.resolve_precision("auto", "cpu") == ("bfloat16" if native else "float32")
+    for device in ("cuda", "cuda:1", "mps"):  # GPUs: the encoder is not the bottleneck there
+        assert models.resolve_precision("auto", device) == "float32"
+    assert models.resolve_precision("float32", "cpu") == "float32"
+    assert models.resolve_precision("bf16", "mps") == "bfloat16"  # an explicit choice is kept
+    with pytest.raises(ValueError, match="unknown precision 'half'"):
+        models.resolve_precision("half", "cpu")
+    # the default (no variable, no argument) is auto, resolved when the model is loaded, also from the cache
+    monkeypatch.delenv(models.PRECISION_ENV, raising=False)
+    model = load_model("litemedsam", device="cpu")
+    assert model.precision == ("bfloat16" if native else "float32")
+    assert load_model("litemedsam", device="cpu", precision="auto").precision == model.precision
+    assert model.with_precision("float32").with_precision("auto").precision == model.precision

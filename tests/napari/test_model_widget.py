@@ -49,7 +49,7 @@ def test_bfloat16_encoder_choice_reaches_the_session_and_the_other_widgets(make_
     monkeypatch.delenv(models.PRECISION_ENV, raising=False)
     viewer = make_napari_viewer()
     widget = ModelSelectionWidget(viewer)
-    assert widget.precision_combo.currentText() == "float32"
+    assert widget.precision_combo.currentText() == "auto"  # the product's default without the variable
     path = tmp_path / "tiny.pth"
     torch.save(models.build_sam("vit_test").state_dict(), path)
     widget.model_combo.setCurrentIndex(widget.model_combo.findData(CUSTOM))
@@ -65,6 +65,13 @@ def test_bfloat16_encoder_choice_reaches_the_session_and_the_other_widgets(make_
     assert model.precision == "bfloat16" and model.name == str(path)
     if not models.native_bfloat16("cpu"):
         assert "no native bfloat16" in widget.status.text()
+    # auto: the status line says what it resolved to on this CPU
+    widget.precision_combo.setCurrentText("auto")
+    widget.load_btn.click()
+    qtbot.waitUntil(lambda: widget.load_btn.isEnabled(), timeout=30000)
+    assert session.load().precision == models.resolve_precision("auto", "cpu")
+    assert ("bfloat16 encoder" in widget.status.text()) == models.native_bfloat16("cpu")
+    assert "no native bfloat16" not in widget.status.text()
 
 
 def test_a_corrupt_checkpoint_gives_a_message_not_a_traceback(make_napari_viewer, qtbot, tmp_path):

@@ -7,9 +7,9 @@ import argparse
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     """``--precision``: the image encoder's arithmetic (:attr:`napari_cellseg.core.models.LoadedModel.precision`)."""
-    from napari_cellseg.core.models import PRECISION_ENV, PRECISIONS
+    from napari_cellseg.core.models import PRECISION_CHOICES, PRECISION_ENV
 
-    parser.add_argument("--precision", choices=list(PRECISIONS), default=None,
+    parser.add_argument("--precision", choices=list(PRECISION_CHOICES), default=None,
                         help="arithmetic of the image encoder: bfloat16 is about 2x faster on CPUs with native "
-                             "bfloat16 and on recent GPUs, slightly different masks (default: "
-                             f"${PRECISION_ENV} or float32)")
+                             "bfloat16 (AVX-512 BF16, AMX), slightly different masks; auto: bfloat16 on such a CPU, "
+                             f"float32 elsewhere (default: ${PRECISION_ENV} or auto)")

@@ -55,13 +55,14 @@ class ModelSelectionWidget(QWidget):
         self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
         self.device_combo.setToolTip("auto: CUDA GPU, then Apple MPS, then CPU")
         self.precision_combo = QComboBox()
-        self.precision_combo.addItems(["float32", "bfloat16"])
+        from napari_cellseg.core.models import PRECISION_CHOICES, default_precision
+
+        self.precision_combo.addItems(list(PRECISION_CHOICES))
         self.precision_combo.setToolTip(
             "Arithmetic of the image encoder. bfloat16: about 2x faster embeddings on CPUs with native bfloat16 "
-            "(recent Intel Xeon, AMD Zen 4) and on recent GPUs, slower on other CPUs; masks differ slightly "
-            "(docs/benchmarks.md)")
-        from napari_cellseg.core.models import default_precision
-
+            "(AVX-512 BF16 or AMX: recent Intel Xeon, AMD Zen 4 and later), slower on other CPUs; masks differ "
+            "slightly, with the same accuracy (docs/benchmarks.md). auto: bfloat16 on such a CPU, float32 "
+            "elsewhere; the status line says which one the loaded model runs with")
         try:
             self.precision_combo.setCurrentText(default_precision())
         except ValueError:  # a wrong $NAPARI_CELLSEG_PRECISION is reported when a model loads

@@ -589,15 +589,17 @@ def resolve_device(device: str | None = "auto") -> str:
 
 #: arithmetic of the image encoder at inference (``LoadedModel.precision``)
 PRECISIONS = ("float32", "bfloat16")
+#: what a user may ask for: a precision, or ``"auto"`` (see :func:`resolve_precision`)
+PRECISION_CHOICES = ("auto",) + PRECISIONS
 #: environment variable giving the default precision of :func:`load_model`
 PRECISION_ENV = "NAPARI_CELLSEG_PRECISION"
 
 
 def check_precision(precision: str) -> str:
-    """Validate an encoder precision name; ``"bf16"`` and ``"fp32"`` are accepted as aliases."""
+    """Validate an encoder precision name (or ``"auto"``); ``"bf16"`` and ``"fp32"`` are accepted as aliases."""
     value = {"bf16": "bfloat16", "fp32": "float32"}.get(str(precision).strip().lower(), str(precision).strip().lower())
-    if value not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if value not in PRECISION_CHOICES:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISION_CHOICES)}")
     return value
 
 
@@ -617,11 +619,21 @@ def native_bfloat16(device: str) -> bool:
     return False
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """The precision a model on ``device`` runs with: ``"auto"`` becomes bfloat16 on a CPU with native bfloat16
+    (where it halves the encoder's time with the same accuracy, docs/benchmarks.md) and float32 elsewhere (CPUs
+    without it emulate bfloat16 slowly; on GPUs the encoder is not the bottleneck: an H100 ran no faster)."""
+    value = check_precision(precision)
+    if value != "auto":
+        return value
+    return "bfloat16" if str(device) == "cpu" and native_bfloat16("cpu") else "float32"
+
+
 def default_precision() -> str:
-    """The precision :func:`load_model` uses when none is given: ``$NAPARI_CELLSEG_PRECISION`` or float32."""
+    """The precision :func:`load_model` uses when none is given: ``$NAPARI_CELLSEG_PRECISION``, else ``"auto"``."""
     value = os.environ.get(PRECISION_ENV, "").strip()
     if not value:
-        return "float32"
+        return "auto"
     try:
         return check_precision(value)
     except ValueError as err:
@@ -668,8 +680,9 @@ class LoadedModel:
         return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16)
 
     def with_precision(self, precision: str | None) -> LoadedModel:
-        """This model (the same network, shared) with another encoder ``precision`` (None: unchanged)."""
-        precision = check_precision(precision or self.precision)
+        """This model (the same network, shared) with another encoder ``precision`` (None: unchanged; ``"auto"``:
+        :func:`resolve_precision` for this model's device)."""
+        precision = resolve_precision(precision or self.precision, self.device)
         if precision == self.precision:
             return self
         return replace(self, precision=precision)
@@ -729,10 +742,11 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | None
         Show a download progress bar when the weights must be fetched.
     use_cache : bool
         Reuse an already loaded model of the same name and device.
-    precision : {"float32", "bfloat16"}, optional
+    precision : {"auto", "float32", "bfloat16"}, optional
         Arithmetic of the image encoder (:attr:`LoadedModel.precision`); default
-        ``$NAPARI_CELLSEG_PRECISION``, else float32. The network is shared
-        between precisions.
+        ``$NAPARI_CELLSEG_PRECISION``, else ``"auto"`` (bfloat16 on a CPU with
+        native bfloat16, float32 elsewhere: :func:`resolve_precision`). The
+        network is shared between precisions.
 
     Examples
     --------
