@@ -59,6 +59,18 @@ def validation_images(usiigaci: list[int], dsb_per_kind: int) -> list[dict]:
     return items
 
 
+def selection_images() -> list[dict]:
+    """The images the default model's stage 3 held out of its training to choose between runs (Usiigaci sets
+    33-35, every 40th DSB training image): for choosing settings without reading the validation split."""
+    import train_encoder_stage
+
+    _, _, sets, records = train_encoder_stage.split_files()
+    items = [{"kind": "phase", "name": f"usiigaci set{k}", "load": ("u", k)} for k in sets]
+    items += [{"kind": r["kind"], "name": f"dsb {r['group']} {r['file'][:10]}", "load": ("d", r["file"])}
+              for r in records]
+    return items
+
+
 def load(item):
     kind, key = item["load"]
     return datasets.usiigaci_pair(key) if kind == "u" else datasets.dsb_pair(key)
@@ -81,10 +93,11 @@ def sample_cells(labels: np.ndarray, n: int, rng) -> list[tuple[int, tuple[int, 
     return out
 
 
-def prompt_ious(model, image, labels, cells, views: int = 1, invert: bool | None = None) -> dict:
+def prompt_ious(model, image, labels, cells, views: int = 1, invert: bool | None = None,
+                click_answer: str = "sam") -> dict:
     from napari_cellseg.core.interactive import AnnotationConfig, InteractiveSegmenter, ObjectPrompt
 
-    seg = InteractiveSegmenter(model, config=AnnotationConfig(views=views, invert=invert))
+    seg = InteractiveSegmenter(model, config=AnnotationConfig(views=views, invert=invert, click_answer=click_answer))
     seg.set_image(image)
     out = {}
     for kind in ("clicks", "boxes"):
@@ -164,6 +177,10 @@ def main(argv=None) -> int:
     p.add_argument("--invert", choices=list(INVERT), default="auto",
                    help="the annotation mode's inverted-contrast averaging for clicks and boxes (auto: the "
                         "widget's default)")
+    p.add_argument("--click-answer", choices=["sam", "map"], default="sam",
+                   help="a click the cell map finds: SAM from the cell's box (the default) or the map cell itself")
+    p.add_argument("--selection", action="store_true",
+                   help="evaluate on the stage-3 selection images (training split) instead of the validation split")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -175,7 +192,8 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    items = validation_images([int(x) for x in args.usiigaci.split(",") if x], args.dsb_per_kind)
+    items = (selection_images() if args.selection
+             else validation_images([int(x) for x in args.usiigaci.split(",") if x], args.dsb_per_kind))
     rows = []
     for name in args.models:
         model = load_model(name, device="cpu")
@@ -195,7 +213,7 @@ def main(argv=None) -> int:
                     row[f"{mode}_seconds_per_image"] = r["seconds"]
             if not args.no_prompts:
                 cells = sample_cells(labels, args.cells_per_image, rng)
-                ious = prompt_ious(model, image, labels, cells, args.views, INVERT[args.invert])
+                ious = prompt_ious(model, image, labels, cells, args.views, INVERT[args.invert], args.click_answer)
                 row["click_iou"], row["box_iou"] = ious["clicks"], ious["boxes"]
             rows.append(row)
             print(json.dumps({k: (round(float(np.mean(v)), 3) if isinstance(v, list) else

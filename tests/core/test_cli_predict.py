@@ -177,15 +177,16 @@ def test_clicks_with_the_default_model_are_answered_from_its_cell_map(tmp_path, 
     assert mean_iou[False] > 0.7 and mean_iou[False] > mean_iou[True] + 0.2, mean_iou
 
 
-def test_missed_click_option_reaches_the_annotation_config(tmp_path, monkeypatch, capsys):
-    """--missed-click box|point sets AnnotationConfig.missed_click (box by default); other values are refused."""
+def test_missed_click_and_click_answer_options_reach_the_annotation_config(tmp_path, monkeypatch, capsys):
+    """--missed-click box|point and --click-answer sam|map set AnnotationConfig (box and sam by default); other
+    values are refused."""
     from napari_cellseg.core import interactive
 
     seen = []
 
     class Capture(interactive.InteractiveSegmenter):
         def __init__(self, model, config=None):
-            seen.append(config.missed_click)
+            seen.append((config.missed_click, config.click_answer))
             raise KeyboardInterrupt  # stop before any network work
 
     monkeypatch.setattr(interactive, "InteractiveSegmenter", Capture)  # the command imports it when it runs
@@ -193,12 +194,14 @@ def test_missed_click_option_reaches_the_annotation_config(tmp_path, monkeypatch
     tifffile.imwrite(tmp_path / "c.tif", (image * 1000).astype(np.uint16))
     base = ["predict", str(tmp_path / "c.tif"), "--model", "litemedsam", "--device", "cpu", "--point", "20", "20",
             "--out", str(tmp_path / "o.tif")]
-    for extra, want in (([], "box"), (["--missed-click", "point"], "point")):
+    for extra, want in (([], ("box", "sam")), (["--missed-click", "point"], ("point", "sam")),
+                        (["--click-answer", "map"], ("box", "map"))):
         try:
             main(base + extra)
         except (KeyboardInterrupt, SystemExit):
             pass
         assert seen[-1] == want
-    with pytest.raises(SystemExit) as err:
-        main(base + ["--missed-click", "nearest"])
-    assert err.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    for bad in (["--missed-click", "nearest"], ["--click-answer", "both"]):
+        with pytest.raises(SystemExit) as err:
+            main(base + bad)
+        assert err.value.code == 2 and "invalid choice" in capsys.readouterr().err

@@ -679,6 +679,33 @@ def test_a_click_becomes_the_grown_box_of_its_map_cell(map_model, image):
     assert other.box[0] < 200 < 240 < other.box[2] and len(calls) == 2
 
 
+def test_click_answer_map_answers_with_the_map_cell_unless_negative_points_come_with_it(map_model, image):
+    """click_answer="map": the map cell itself, without an embedding; with negative points SAM draws from the
+    cell's box. The default, click_answer="sam", always sends the box to SAM."""
+    model, calls = map_model
+    cell = np.zeros(image.shape, bool)
+    cell[41:79, 51:99] = True  # the map cell: the rectangle less its zero border ring
+    seg = InteractiveSegmenter(model, config=AnnotationConfig(click_answer="map"))
+    seg.set_image(image)
+    (guided,) = seg.guide_clicks([ObjectPrompt(points=[[60, 75]])])
+    assert guided.answer is not None and np.array_equal(guided.answer.to_full(image.shape), cell)
+    obj = seg.segment(ObjectPrompt(points=[[60, 75]]))
+    assert np.array_equal(obj.to_full(image.shape), cell)
+    assert len(seg.cache) == 0 and len(calls) == 1  # the map window only: SAM's encoder never ran
+    # a negative point (elsewhere) sends the click to SAM with the box, so that it can trim the mask
+    (trimmed,) = seg.guide_clicks([ObjectPrompt(points=[[60, 75], [150, 20]], labels=[1, 0])])
+    assert trimmed.answer is None and trimmed.box is not None
+    assert seg.segment(ObjectPrompt(points=[[60, 75], [150, 20]], labels=[1, 0])).window is not None
+    assert len(seg.cache) >= 1
+    sam = InteractiveSegmenter(model)
+    assert sam.config.click_answer == "sam"
+    sam.set_image(image)
+    (drawn,) = sam.guide_clicks([ObjectPrompt(points=[[60, 75]])])
+    assert drawn.answer is None and np.allclose(drawn.box, guided.box)
+    with pytest.raises(ValueError, match="click_answer must be 'sam' or 'map'"):
+        AnnotationConfig(click_answer="both")
+
+
 def test_clicks_off_the_map_or_cancelled_by_a_negative_point_stay_points(map_model, image):
     model, _ = map_model
     seg = InteractiveSegmenter(model, config=AnnotationConfig(missed_click="point"))

@@ -464,6 +464,15 @@ def test_a_click_is_answered_from_the_cell_map_of_a_distance_model(setup, qtbot,
     assert calls == [False]  # one map, computed in the worker
     (obj,) = widget._current
     assert obj.window.contains(_bbox(labels, 3))  # answered in the window of the cell's box, not of a point
+    assert widget.config.click_answer == "sam" and len(widget.cache) > 0  # SAM drew it: its window was embedded
+    widget.map_cell_check.setChecked(True)  # the map's cell itself
+    assert widget.config.click_answer == "map"
+    widget.cache.clear()
+    qtbot.waitUntil(lambda: _preview_ready(widget), timeout=TIMEOUT)
+    (obj,) = widget._current
+    assert obj.window.contains(_bbox(labels, 3)) and calls == [False]  # the map was cached
+    assert len(widget.cache) == 0  # no embedding: the answer is the map cell
+    widget.map_cell_check.setChecked(False)
     widget.map_check.setChecked(False)
     assert not widget.config.clicks_from_map
     qtbot.waitUntil(lambda: _preview_ready(widget), timeout=TIMEOUT)

@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-map-clicks", action="store_true",
                         help="give clicks to SAM as points even when the model predicts a cell map (by default "
                              "such a model answers a click with its map cell's box, as the widget does)")
+    parser.add_argument("--click-answer", choices=["sam", "map"], default="sam",
+                        help="a click the cell map finds a cell for: SAM's drawing from the cell's box (default, as "
+                             "in the widget) or the map cell itself (faster; clicks with --neg-point still go to SAM)")
     parser.add_argument("--missed-click", choices=["box", "point"], default="box",
                         help="a click on which the cell map sees no cell: a box of the typical cell size centred on "
                              "it (default, as in the widget) or the click as a point")
@@ -138,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     model = models.load_model(name, device=args.device, precision=args.precision)
     config = AnnotationConfig(zoom="auto" if args.zoom else "off", mask_threshold=args.mask_threshold,
                               clicks_from_map=not args.no_map_clicks, missed_click=args.missed_click,
+                              click_answer=args.click_answer,
                               views=args.views,
                               invert={"auto": None, "on": True, "off": False}[args.invert])
     segmenter = InteractiveSegmenter(model, config=config)

@@ -231,6 +231,13 @@ class AnnotationWidget(QWidget):
             "finds under it, drawn by SAM from that cell's box: LiteMedSAM's point pathway was never trained, "
             "its box pathway was (docs/annotation.md). Off: the click goes to SAM as a point."
         )
+        self.map_cell_check = QCheckBox("Clicks: the map's cell itself, not SAM's drawing")
+        self.map_cell_check.setToolTip(
+            "On: a click is answered with the map's cell itself, without SAM (faster: no embedding of the box "
+            "window); clicks with negative points still go to SAM. Better where the model's map knows your "
+            "cells (images like its training data, or after fine-tuning); SAM's drawing (off, the default) was "
+            "better on nuclei the default model never saw (docs/annotation.md)."
+        )
         self.disk_check = QCheckBox("Keep embeddings on disk")
         self.disk_check.setToolTip(f"Cache embeddings in {default_disk_dir()} so they survive a restart")
         self.threshold_spin = QDoubleSpinBox()
@@ -266,7 +273,7 @@ class AnnotationWidget(QWidget):
             "+0.04 bright-field and +0.02 fluorescent nuclei, -0.01 stained colour tissue (docs/annotation.md)."
         )
         self.invert_combo.currentIndexChanged.connect(self._on_settings_changed)
-        for box in (self.per_point_check, self.zoom_check, self.map_check, self.disk_check):
+        for box in (self.per_point_check, self.zoom_check, self.map_check, self.map_cell_check, self.disk_check):
             box.toggled.connect(self._on_settings_changed)
         self.live_check.toggled.connect(self._on_settings_changed)
 
@@ -334,7 +341,7 @@ class AnnotationWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         for box in (self.live_check, self.per_point_check, self.overwrite_check, self.zoom_check,
-                    self.map_check, self.disk_check):
+                    self.map_check, self.map_cell_check, self.disk_check):
             layout.addWidget(box)
         layout.addLayout(prompts_row)
         layout.addLayout(grid)
@@ -696,6 +703,7 @@ class AnnotationWidget(QWidget):
         self.config = replace(self.config, zoom="auto" if self.zoom_check.isChecked() else "off",
                               disk_cache=self.disk_check.isChecked(),
                               clicks_from_map=self.map_check.isChecked(),
+                              click_answer="map" if self.map_cell_check.isChecked() else "sam",
                               mask_threshold=self._threshold_value(),
                               views=self.views_combo.currentData(),
                               invert=self.invert_combo.currentData())

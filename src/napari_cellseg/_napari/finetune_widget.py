@@ -169,7 +169,8 @@ class FinetuneWidget(QWidget):
         self.recipe_combo.addItem("joint (clicks, boxes and automatic)", "joint")
         self.recipe_combo.setToolTip(
             "distance: SAMCell distance maps, for the automatic distance and guided modes; clicks are then answered "
-            "from the map. Start here: 3 minutes on one image raised AP@0.5 from 0.32 to 0.39 on held-out images.\n"
+            "from the map. Start here: on nuclei the default model never saw, 3 minutes on one image with 36 "
+            "nuclei raised AP@0.5 from 0.49 to 0.82 on 21 held-out images of that kind (docs/finetuning.md).\n"
             "prompt: CellSeg1 LoRA for clicks, boxes and the grid mode. With the image encoder frozen it needs far "
             "more than minutes on a CPU (in 3 minutes clicks did not improve); use a GPU or a long run.\n"
             "joint: both in one model (every mode works with it; slowest per step)")
