@@ -45,17 +45,24 @@ KIND_NAMES = {"phase": "phase contrast (Usiigaci)", "fluorescence": "fluorescenc
               "brightfield": "bright-field nuclei (DSB)", "colour": "stained tissue, colour (DSB)"}
 
 
+def _usiigaci_item(k: int) -> dict:
+    return {"kind": "phase", "name": f"usiigaci set{k}", "load": ("u", k)}
+
+
+def _dsb_item(r: dict) -> dict:
+    return {"kind": r["kind"], "name": f"dsb {r['group']} {r['file'][:10]}", "load": ("d", r["file"])}
+
+
 def validation_images(usiigaci: list[int], dsb_per_kind: int) -> list[dict]:
-    items = [{"kind": "phase", "name": f"usiigaci set{k}", "load": ("u", k)} for k in usiigaci]
+    items = [_usiigaci_item(k) for k in usiigaci]
     by_kind: dict[str, list[dict]] = {}
     for r in datasets.dsb_index():
         if r["split"] == "validation":
             by_kind.setdefault(r["kind"], []).append(r)
-    for kind, recs in sorted(by_kind.items()):
+    for _, recs in sorted(by_kind.items()):
         step = max(1, len(recs) // dsb_per_kind)
         for r in recs[::step][:dsb_per_kind]:
-            items.append({"kind": kind, "name": f"dsb {r['group']} {r['file'][:10]}", "load": ("d", r["file"]),
-                          "held_out": r["held_out"]})
+            items.append({**_dsb_item(r), "held_out": r["held_out"]})
     return items
 
 
@@ -65,10 +72,7 @@ def selection_images() -> list[dict]:
     import train_encoder_stage
 
     _, _, sets, records = train_encoder_stage.split_files()
-    items = [{"kind": "phase", "name": f"usiigaci set{k}", "load": ("u", k)} for k in sets]
-    items += [{"kind": r["kind"], "name": f"dsb {r['group']} {r['file'][:10]}", "load": ("d", r["file"])}
-              for r in records]
-    return items
+    return [_usiigaci_item(k) for k in sets] + [_dsb_item(r) for r in records]
 
 
 def load(item):

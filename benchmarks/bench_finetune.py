@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -53,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from datasets import clean_labels  # noqa: E402  (largest piece of each label, SOURCE.md's caveat)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import encoder_precision  # noqa: E402
+from _common import machine  # noqa: E402
 
 
 def dsb_group_split(group: str, train_index: int, val_every: int) -> tuple[str, list[str]]:
@@ -239,24 +238,25 @@ def main(argv=None) -> int:
 
     extra = json.loads(args.config)
     if args.dsb_group:
-        train_name, val_files = dsb_group_split(args.dsb_group, args.train_index, args.val_every)
-        image, labels = dsb_pair(train_name)
-        val_sets: list = val_files
+        train_name, val_sets = dsb_group_split(args.dsb_group, args.train_index, args.val_every)
         source = f"DSB 2018 '{args.dsb_group}'"
+        load_pair = dsb_pair
     else:
         val_sets = parse_sets(args.val_sets)
         if args.train_set in val_sets:
             raise SystemExit("the training set must not be one of the validation sets")
-        image, labels = read_pair(args.data, args.train_set)
-        labels = clean_labels(labels)
         train_name, source = f"train_set{args.train_set}", "Usiigaci"
+
+        def load_pair(k):
+            image, labels = read_pair(args.data, k)
+            return image, clean_labels(labels)
+
+    image, labels = load_pair(train_name if args.dsb_group else args.train_set)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                   f"torch {torch.__version__}, {torch.get_num_threads()} threads, {encoder_precision()}",
+        "machine": machine(),
         "load_average_start": os.getloadavg()[0],
         "command": shlex.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-        "train_set": args.train_set,
         "train_name": train_name,
         "source": source,
         "train_cells": int(len(np.unique(labels)) - 1),
@@ -264,9 +264,7 @@ def main(argv=None) -> int:
         "cells": args.cells,
         "runs": {},
     }
-    if args.dsb_group:
-        report["dsb_group"] = args.dsb_group
-        del report["train_set"]
+    report.update({"dsb_group": args.dsb_group} if args.dsb_group else {"train_set": args.train_set})
     models = {}
     for base_name in args.base:
         base = load_model(base_name, device="cpu")
@@ -293,11 +291,7 @@ def main(argv=None) -> int:
     per_image = {}
     t_eval = time.monotonic()
     for k in val_sets:
-        if args.dsb_group:
-            img, gt = dsb_pair(k)
-        else:
-            img, gt = read_pair(args.data, k)
-            gt = clean_labels(gt)
+        img, gt = load_pair(k)
         row: dict = {"clicks": {}, "distance": {}, "grid": {}}
         for name, model in models.items():
             if "clicks" in args.modes:

@@ -171,8 +171,8 @@ class AnnotationConfig:
         training crop, 256 px) and cut into cells as the distance mode does;
         the cell under the click, its box grown by 10 %, becomes a box prompt
         (negative points are kept; a negative point on a map cell removes that
-        cell), or is itself the answer (see ``click_answer``). A click where the map
-        sees no cell: see ``missed_click``. A model that cannot draw from
+        cell), or is itself the answer (see ``click_answer``). A click where
+        the map sees no cell: see ``missed_click``. A model that cannot draw from
         prompts (a ``distance``-recipe adapter, whose mask decoder now draws
         the map) answers a click with the map cell itself.
         Reason: LiteMedSAM's point pathway was never trained (a click gives a
@@ -1368,9 +1368,8 @@ class InteractiveSegmenter:
 
         A click answered by the map cell itself (``click_answer="map"``, or a
         model that cannot draw from prompts) carries it as ``answer`` (and the
-        box). Maps not
-        computed yet are computed here (blocking; :meth:`run` computes them
-        first, with progress). A click on which the map sees no cell gets a
+        box). Maps not computed yet are computed here (blocking; :meth:`run`
+        computes them first, with progress). A click on which the map sees no cell gets a
         box of the window's typical cell size (``missed_click="box"``, the
         default) or is returned unchanged, as are prompts with a box.
         """
