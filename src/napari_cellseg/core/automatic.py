@@ -183,6 +183,22 @@ class DistanceConfig(_Config):
         Crops per encoder call; None: 4 on a GPU, 1 on a CPU (on a CPU batching
         gains no speed and multiplies the memory: a ViT-B pass over one crop
         needs about 3 GB).
+    embed_window : int or None
+        Neighbouring crops are embedded together in windows of up to this
+        side (704 px: 3 x 3 crops): the encoder runs once on the window and
+        each crop's embedding is cut from its output, so the overlaps are
+        embedded once instead of up to four times (a 1024 px image: 1.1
+        million pixels through the encoder instead of 1.6 million). Away
+        from a crop's border its features equal the crop's own embedding to
+        float rounding; at its border the crop sees its real neighbours
+        instead of padding. Only for encoders that take any input size
+        (TinyViT: LiteMedSAM and the models built on it) with crops at the
+        encoder's own scale; others, and 0, embed each crop alone (SAMCell's
+        way). Each window is equalised as a whole (CLAHE tiles of
+        ``crop_size / 8``, as in a crop). None (the default): 704 where the
+        encoder runs in bfloat16 on a CPU, where windows were measured
+        1.1-1.25x faster for 0.6 GB more memory; 0 elsewhere (in float32 on
+        a CPU they gained 0-1.2x for 1.4 GB more; not measured on a GPU).
     """
 
     peak: float = pp.DEFAULT_PEAK
@@ -194,6 +210,7 @@ class DistanceConfig(_Config):
     overlap: int = 32
     clahe: bool = True
     batch_size: int | None = None
+    embed_window: int | None = None
 
     def validate(self) -> None:
         pp.check_thresholds(self.peak, self.fill)
@@ -202,6 +219,8 @@ class DistanceConfig(_Config):
         _check_int("min_size", self.min_size, 0)
         _check_int("crop_size", self.crop_size, MIN_IMAGE_SIDE)
         _check_int("overlap", self.overlap, 0)
+        if self.embed_window is not None:
+            _check_int("embed_window", self.embed_window, 0)
         if self.batch_size is not None:
             _check_int("batch_size", self.batch_size, 1)
         if self.overlap >= self.crop_size // 2:
@@ -514,11 +533,13 @@ def stitch_tiles(tiles, slices, shape: tuple[int, int], overlap: int) -> np.ndar
     return acc / wsum
 
 
-def _clahe(crop01: np.ndarray) -> np.ndarray:
-    """CLAHE of one crop; colour crops are equalised channel by channel."""
-    if np.array_equal(crop01[..., 0], crop01[..., 1]) and np.array_equal(crop01[..., 0], crop01[..., 2]):
-        return clahe(crop01)
-    return np.stack([clahe(np.repeat(crop01[..., i : i + 1], 3, axis=-1))[..., 0] for i in range(3)], axis=-1)
+def _clahe(image01: np.ndarray, tile: int | None = None) -> np.ndarray:
+    """CLAHE of a crop (contextual tiles of 1/8 of its sides) or of a window (tiles of ``tile`` px);
+    colour images are equalised channel by channel."""
+    if np.array_equal(image01[..., 0], image01[..., 1]) and np.array_equal(image01[..., 0], image01[..., 2]):
+        return clahe(image01, kernel_size=tile)
+    return np.stack([clahe(np.repeat(image01[..., i : i + 1], 3, axis=-1), kernel_size=tile)[..., 0]
+                     for i in range(3)], axis=-1)
 
 
 def _encoder_input(sam, tensor):
@@ -568,6 +589,94 @@ def crop_distance_maps(model: LoadedModel, crops01: list[np.ndarray]) -> list[np
     return [m.astype(np.float32) for m in maps]
 
 
+#: side of the windows in which crops are embedded together where that is the default (DistanceConfig.embed_window)
+EMBED_WINDOW = 704
+
+#: total stride of a TinyViT encoder (input pixels per embedding cell): crops cut from a window's
+#: embedding must start at multiples of it
+_TINYVIT_STRIDE = 4
+
+
+def window_encoder(model: LoadedModel, crop_size: int):
+    """The distance path's encoder when crops can share window embeddings, else None.
+
+    That is a TinyViT encoder (windowed attention and convolutions: any input
+    side works) with crops at its own scale (``crop_size`` equal to the
+    encoder input, so no crop is resized).
+    """
+    from .distance_head import get_distance_encoder
+    from .tinyvit import TinyViTEncoder
+
+    encoder = get_distance_encoder(model.sam) or model.sam.image_encoder
+    if not isinstance(encoder, TinyViTEncoder) or int(crop_size) != int(model.input_size):
+        return None
+    return encoder
+
+
+def default_embed_window(model: LoadedModel) -> int:
+    """:data:`EMBED_WINDOW` where the encoder runs in bfloat16 on a CPU, else 0 (see ``DistanceConfig.embed_window``)."""
+    cpu = str(getattr(model, "device", "cpu")) == "cpu"
+    return EMBED_WINDOW if cpu and getattr(model, "precision", "float32") == "bfloat16" else 0
+
+
+def group_starts(starts: list[int], tile: int, max_side: int) -> list[list[int]]:
+    """Consecutive tile starts grouped so that each group's tiles span at most ``max_side``.
+
+    Examples
+    --------
+    >>> group_starts([0, 224, 448, 672, 768], 256, 704)
+    [[0, 224, 448], [672, 768]]
+    >>> group_starts([0, 224], 256, 100)
+    [[0], [224]]
+    """
+    groups: list[list[int]] = []
+    for s in starts:
+        if groups and s + tile - groups[-1][0] <= max_side:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
+def window_distance_maps(model: LoadedModel, window01: np.ndarray, offsets: list[tuple[int, int]],
+                         crop: int) -> list[np.ndarray]:
+    """Distance maps of the ``crop`` px crops at ``offsets`` of one window, from one encoder call.
+
+    Parameters
+    ----------
+    window01 : ndarray, (H, W, 3) float in [0, 1]
+        The window as the encoder sees it (equalised already); H and W and
+        the offsets are multiples of the encoder's stride (4).
+    offsets : list of (row, col)
+
+    Returns
+    -------
+    list of ndarray, each (crop, crop) float32 in [0, 1]
+    """
+    import torch
+
+    from .distance_head import distance_features
+    from .predictor import distance_logits
+
+    sam = model.sam
+    g = crop // _TINYVIT_STRIDE
+    x = torch.from_numpy(np.ascontiguousarray(window01.transpose(2, 0, 1)))[None].to(model.device)
+    with torch.inference_mode():
+        with model.encoder_autocast():
+            features = distance_features(sam, _encoder_input(sam, x))
+        features = features.float()
+        cuts = torch.cat([features[..., r // _TINYVIT_STRIDE : r // _TINYVIT_STRIDE + g,
+                                   c // _TINYVIT_STRIDE : c // _TINYVIT_STRIDE + g] for r, c in offsets])
+        pixels = torch.cat([x[..., r : r + crop, c : c + crop] for r, c in offsets])
+        logits = distance_logits(sam, cuts.contiguous(), pixels).float()
+        if logits.shape[-2:] != (crop, crop):  # pragma: no cover - TinyViT's mask grid is the input grid
+            import torch.nn.functional as F
+
+            logits = F.interpolate(logits, (crop, crop), mode="bilinear", align_corners=False)
+        maps = torch.sigmoid(logits)[:, 0].cpu().numpy()
+    return [m.astype(np.float32) for m in maps]
+
+
 def predict_distance_map(
     image: np.ndarray,
     model: LoadedModel,
@@ -578,7 +687,9 @@ def predict_distance_map(
     """Predict and stitch the distance map of one plane (generator; returns ``(M, N)`` float32).
 
     The image is padded (mirrored) to at least one crop on each side, so every
-    crop has the same size and scale.
+    crop has the same size and scale. With window embeddings
+    (``config.embed_window``) it is also padded to a multiple of the encoder's
+    stride, and the crops are embedded window by window.
     """
     cfg = config or DistanceConfig()
     cfg.validate()
@@ -587,20 +698,40 @@ def predict_distance_map(
         image01, _ = prepare_image(image, channel)
     m, n = image01.shape[:2]
     c = cfg.crop_size
-    pad = ((0, max(0, c - m)), (0, max(0, c - n)), (0, 0))
+    window = default_embed_window(model) if cfg.embed_window is None else cfg.embed_window
+    windowed = window >= c and window_encoder(model, c) is not None
+    step = _TINYVIT_STRIDE if windowed else 1
+    pad = ((0, max(c, -(-m // step) * step) - m), (0, max(c, -(-n // step) * step) - n), (0, 0))
     padded = np.pad(image01, pad, mode="symmetric") if (pad[0][1] or pad[1][1]) else image01
     slices = tile_slices(padded.shape[:2], c, cfg.overlap)
     total = len(slices)
     tiles: list[np.ndarray] = []
-    batch_size = cfg.batch_size or (1 if str(model.device) == "cpu" else 4)
     yield Progress(0, total, f"distance map: {total} crops")
-    for start in range(0, total, batch_size):
-        batch = slices[start : start + batch_size]
-        crops = [padded[sl] for sl in batch]
+    if windowed:
         if cfg.clahe:
-            crops = [_clahe(crop) for crop in crops]
-        tiles.extend(crop_distance_maps(model, crops))
-        yield Progress(min(total, start + len(batch)), total, f"distance map: crop {len(tiles)}/{total}")
+            padded = _clahe(padded, c // 8)
+        row_groups = group_starts(sorted({sl[0].start for sl in slices}), c, window)
+        col_groups = group_starts(sorted({sl[1].start for sl in slices}), c, window)
+        by_start: dict[tuple[int, int], np.ndarray] = {}
+        for rows in row_groups:
+            for cols in col_groups:
+                r0, c0 = rows[0], cols[0]
+                window = padded[r0 : rows[-1] + c, c0 : cols[-1] + c]
+                offsets = [(r - r0, q - c0) for r in rows for q in cols]
+                maps = window_distance_maps(model, window, offsets, c)
+                for (r, q), tile in zip(offsets, maps):
+                    by_start[(r + r0, q + c0)] = tile
+                yield Progress(len(by_start), total, f"distance map: crop {len(by_start)}/{total}")
+        tiles = [by_start[(sl[0].start, sl[1].start)] for sl in slices]
+    else:
+        batch_size = cfg.batch_size or (1 if str(model.device) == "cpu" else 4)
+        for start in range(0, total, batch_size):
+            batch = slices[start : start + batch_size]
+            crops = [padded[sl] for sl in batch]
+            if cfg.clahe:
+                crops = [_clahe(crop) for crop in crops]
+            tiles.extend(crop_distance_maps(model, crops))
+            yield Progress(min(total, start + len(batch)), total, f"distance map: crop {len(tiles)}/{total}")
     dmap = stitch_tiles(tiles, slices, padded.shape[:2], cfg.overlap)
     if cfg.smooth > 0:
         from scipy import ndimage as ndi
@@ -1430,7 +1561,7 @@ def make_config(mode: str, model: LoadedModel | None = None, **settings):
 
     A distance model's ``meta["thresholds"]`` and ``meta["crop_size"]`` are the
     defaults of distance and guided mode. ``peak``, ``fill``, ``fill_holes``,
-    ``crop_size``, ``overlap``, ``clahe`` and ``smooth`` given to guided mode go to its
+    ``crop_size``, ``overlap``, ``clahe``, ``smooth`` and ``embed_window`` given to guided mode go to its
     :class:`DistanceConfig`. Settings that are None are ignored.
 
     Examples
@@ -1449,7 +1580,7 @@ def make_config(mode: str, model: LoadedModel | None = None, **settings):
         return cfg.updated(**_only(DistanceConfig, settings, mode))
     if mode == "grid":
         return GridConfig().updated(**_only(GridConfig, settings, mode))
-    dist_keys = {"peak", "fill", "crop_size", "overlap", "clahe", "fill_holes", "smooth"}
+    dist_keys = {"peak", "fill", "crop_size", "overlap", "clahe", "fill_holes", "smooth", "embed_window"}
     dist = DistanceConfig(**defaults).updated(**{k: v for k, v in settings.items() if k in dist_keys})
     rest = {k: v for k, v in settings.items() if k not in dist_keys}
     return GuidedConfig(distance=dist).updated(**_only(GuidedConfig, rest, mode))

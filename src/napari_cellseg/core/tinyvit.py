@@ -83,10 +83,11 @@ class PatchMerging(nn.Module):
         self.conv3 = ConvBN(out_dim, out_dim)
         self.act = nn.GELU()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tokens ``(B, L, C)`` on ``grid`` (default: the built grid) or a map ``(B, C, H, W)``."""
         if x.ndim == 3:  # (B, L, C) tokens -> (B, C, H, W)
             b, _, c = x.shape
-            x = x.transpose(1, 2).reshape(b, c, *self.grid)
+            x = x.transpose(1, 2).reshape(b, c, *(grid or self.grid))
         x = self.act(self.conv1(x))
         x = self.act(self.conv2(x))
         x = self.conv3(x)
@@ -156,8 +157,8 @@ class TinyViTBlock(nn.Module):
         self.local_conv = ConvBN(dim, dim, local_conv, groups=dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def _attend(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = self.grid
+    def _attend(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        h, w = grid
         ws = self.window
         b, _, c = x.shape
         if h == ws and w == ws:
@@ -171,12 +172,13 @@ class TinyViTBlock(nn.Module):
         grid = win.view(b, nh, nw, ws, ws, c).transpose(2, 3).reshape(b, ph, pw, c)
         return grid[:, :h, :w].reshape(b, h * w, c)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = self.grid
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tokens ``(B, H * W, C)`` on ``grid`` (default: the grid the block was built for)."""
+        h, w = grid or self.grid
         b, n, c = x.shape
         if n != h * w:
             raise ValueError(f"expected {h}x{w}={h * w} tokens, got {n}")
-        x = x + self._attend(x)
+        x = x + self._attend(x, (h, w))
         x = self.local_conv(x.transpose(1, 2).reshape(b, c, h, w)).view(b, c, n).transpose(1, 2)
         return x + self.mlp(x)
 
@@ -189,10 +191,11 @@ class Stage(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.downsample = downsample
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tokens on ``grid`` (or a map, for the convolutional stage 0) in, tokens out."""
         for block in self.blocks:
-            x = block(x)
-        return self.downsample(x) if self.downsample is not None else x
+            x = block(x) if x.ndim == 4 else block(x, grid)
+        return self.downsample(x, grid) if self.downsample is not None else x
 
 
 class TinyViTEncoder(nn.Module):
@@ -275,15 +278,22 @@ class TinyViTEncoder(nn.Module):
         return self._features(x).contiguous()
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """Any input side works (all layers are convolutions or windowed attention); at
+        ``img_size`` this is the network as built. Larger inputs serve the distance mode's
+        whole-image embedding (:func:`napari_cellseg.core.automatic.predict_distance_map`)."""
         if x.device.type == "cpu":
             # channels-last maps: oneDNN's fast convolution layout, and the token <-> map reshapes between
             # stages become views instead of copies (1.3-1.5x on the whole encoder, same numbers)
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed.seq(x)
+        grid = (x.shape[-2], x.shape[-1])
         for stage in self.layers:
-            x = stage(x)
+            x = stage(x, grid)
+            if stage.downsample is not None:
+                stride = stage.downsample.conv2.c.stride[0]
+                grid = ((grid[0] + stride - 1) // stride, (grid[1] + stride - 1) // stride)
         b, n, c = x.shape
-        return x.transpose(1, 2).reshape(b, c, self.out_grid, self.out_grid)
+        return x.transpose(1, 2).reshape(b, c, *grid)
 
 
 def _init_linear(module: nn.Module) -> None:
