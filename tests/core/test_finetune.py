@@ -58,6 +58,7 @@ def test_config_round_trips_and_resolves():
     ({"prompt_types": ("scribble",)}, "prompt_types"),
     ({"minutes": -1}, "positive"),
     ({"decoder": "half"}, "decoder"),
+    ({"encoder_precision": "float16"}, "encoder_precision"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -381,6 +382,18 @@ def test_time_budget_limits_the_views_embedded_for_large_data():
     assert time.monotonic() - t0 < 30
 
 
+@pytest.mark.parametrize("recipe", ["distance", "prompt"])
+def test_views_per_tile_are_capped_by_recipe(recipe):
+    # one 96 px plane = one tile; a tiny model embeds a view in milliseconds, so only the per-tile cap stops it
+    image, labels = _cells()
+    data = ft.make_training_data(image, labels)
+    cfg = ft.FinetuneConfig(recipe=recipe, minutes=0.1, crop_size=96)
+    assert len(ft._tiles(data.pairs[0], 96)) == 1
+    result = run_to_completion(ft.finetune(models.random_model("vit_test"), data, cfg))
+    expected = ft.MAX_VIEWS_PER_TILE.get(recipe, ft.DEFAULT_MAX_VIEWS_PER_TILE)
+    assert result.meta["metrics"]["views"] == expected == (64 if recipe == "distance" else 16)
+
+
 def test_validation_ap_early_stopping_and_best_model():
     image, labels = _cells()
     vimage, vlabels = _cells(seed=5)
@@ -626,6 +639,37 @@ def test_feature_cache_on_disk_is_reused(tmp_path, monkeypatch):
     assert len(calls) == 3 and len(list((tmp_path / "f").glob("*.npy"))) == 3
     run_to_completion(ft.finetune(models.random_model("vit_test"), data, cfg))
     assert len(calls) == 3
+
+
+def test_views_are_embedded_in_the_base_models_precision(tmp_path, monkeypatch):
+    image, labels = _cells()
+    data = ft.make_training_data(image, labels)
+    cache = tmp_path / "f"
+    dtypes = []
+    real = ft.encoder_before_neck
+
+    def spy(encoder, x):
+        out = real(encoder, x)
+        dtypes.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(ft, "encoder_before_neck", spy)
+    base = models.random_model("tinyvit_test", seed=3)
+    cfg = ft.FinetuneConfig(recipe="distance", epochs=1, minutes=None, views=1, feature_cache=str(cache), seed=5)
+    run_to_completion(ft.finetune(base, data, cfg))  # a float32 model (tests/conftest.py)
+    assert dtypes == [torch.float32]
+    (file32,) = cache.glob("*.npy")
+    fast = base.with_precision("bfloat16")
+    run_to_completion(ft.finetune(fast, data, cfg))  # the model's own precision: bfloat16 arithmetic
+    assert dtypes == [torch.float32, torch.bfloat16]
+    (file16,) = set(cache.glob("*.npy")) - {file32}  # kept apart in the cache
+    # the same view: its bfloat16 embedding is close to the float32 one, not equal
+    a, b = np.load(file32).astype(np.float32), np.load(file16).astype(np.float32)
+    rel = np.abs(a - b).mean() / np.abs(a).mean()
+    assert 1e-4 < rel < 0.05, rel
+    # float32 asked for on the bfloat16 model: read back from the float32 file, nothing embedded
+    run_to_completion(ft.finetune(fast, data, ft.FinetuneConfig(**{**cfg.to_dict(), "encoder_precision": "float32"})))
+    assert len(dtypes) == 2 and len(list(cache.glob("*.npy"))) == 2
 
 
 def test_resume_from_checkpoint(tmp_path):
