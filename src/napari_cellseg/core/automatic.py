@@ -592,16 +592,12 @@ def crop_distance_maps(model: LoadedModel, crops01: list[np.ndarray]) -> list[np
 #: side of the windows in which crops are embedded together where that is the default (DistanceConfig.embed_window)
 EMBED_WINDOW = 704
 
-#: total stride of a TinyViT encoder (input pixels per embedding cell): crops cut from a window's
-#: embedding must start at multiples of it
-_TINYVIT_STRIDE = 4
+def window_stride(model: LoadedModel, crop_size: int) -> int | None:
+    """Input pixels per embedding cell of the distance path's encoder when crops can share window
+    embeddings (crops cut from a window's embedding start at multiples of it), else None.
 
-
-def window_encoder(model: LoadedModel, crop_size: int):
-    """The distance path's encoder when crops can share window embeddings, else None.
-
-    That is a TinyViT encoder (windowed attention and convolutions: any input
-    side works) with crops at its own scale (``crop_size`` equal to the
+    Windows need a TinyViT encoder (windowed attention and convolutions: any
+    input side works) and crops at its own scale (``crop_size`` equal to the
     encoder input, so no crop is resized).
     """
     from .distance_head import get_distance_encoder
@@ -610,7 +606,7 @@ def window_encoder(model: LoadedModel, crop_size: int):
     encoder = get_distance_encoder(model.sam) or model.sam.image_encoder
     if not isinstance(encoder, TinyViTEncoder) or int(crop_size) != int(model.input_size):
         return None
-    return encoder
+    return int(encoder.img_size) // int(encoder.out_grid)
 
 
 def default_embed_window(model: LoadedModel) -> int:
@@ -639,15 +635,17 @@ def group_starts(starts: list[int], tile: int, max_side: int) -> list[list[int]]
 
 
 def window_distance_maps(model: LoadedModel, window01: np.ndarray, offsets: list[tuple[int, int]],
-                         crop: int) -> list[np.ndarray]:
+                         crop: int, stride: int) -> list[np.ndarray]:
     """Distance maps of the ``crop`` px crops at ``offsets`` of one window, from one encoder call.
 
     Parameters
     ----------
     window01 : ndarray, (H, W, 3) float in [0, 1]
         The window as the encoder sees it (equalised already); H and W and
-        the offsets are multiples of the encoder's stride (4).
+        the offsets are multiples of ``stride``.
     offsets : list of (row, col)
+    stride : int
+        Input pixels per embedding cell (:func:`window_stride`).
 
     Returns
     -------
@@ -659,14 +657,14 @@ def window_distance_maps(model: LoadedModel, window01: np.ndarray, offsets: list
     from .predictor import distance_logits
 
     sam = model.sam
-    g = crop // _TINYVIT_STRIDE
+    g = crop // stride
     x = torch.from_numpy(np.ascontiguousarray(window01.transpose(2, 0, 1)))[None].to(model.device)
     with torch.inference_mode():
         with model.encoder_autocast():
             features = distance_features(sam, _encoder_input(sam, x))
         features = features.float()
-        cuts = torch.cat([features[..., r // _TINYVIT_STRIDE : r // _TINYVIT_STRIDE + g,
-                                   c // _TINYVIT_STRIDE : c // _TINYVIT_STRIDE + g] for r, c in offsets])
+        cuts = torch.cat([features[..., r // stride : r // stride + g, c // stride : c // stride + g]
+                          for r, c in offsets])
         pixels = torch.cat([x[..., r : r + crop, c : c + crop] for r, c in offsets])
         logits = distance_logits(sam, cuts.contiguous(), pixels).float()
         if logits.shape[-2:] != (crop, crop):  # pragma: no cover - TinyViT's mask grid is the input grid
@@ -698,9 +696,10 @@ def predict_distance_map(
         image01, _ = prepare_image(image, channel)
     m, n = image01.shape[:2]
     c = cfg.crop_size
-    window = default_embed_window(model) if cfg.embed_window is None else cfg.embed_window
-    windowed = window >= c and window_encoder(model, c) is not None
-    step = _TINYVIT_STRIDE if windowed else 1
+    window_side = default_embed_window(model) if cfg.embed_window is None else cfg.embed_window
+    stride = window_stride(model, c) if window_side >= c else None
+    windowed = stride is not None
+    step = stride if windowed else 1
     pad = ((0, max(c, -(-m // step) * step) - m), (0, max(c, -(-n // step) * step) - n), (0, 0))
     padded = np.pad(image01, pad, mode="symmetric") if (pad[0][1] or pad[1][1]) else image01
     slices = tile_slices(padded.shape[:2], c, cfg.overlap)
@@ -710,15 +709,15 @@ def predict_distance_map(
     if windowed:
         if cfg.clahe:
             padded = _clahe(padded, c // 8)
-        row_groups = group_starts(sorted({sl[0].start for sl in slices}), c, window)
-        col_groups = group_starts(sorted({sl[1].start for sl in slices}), c, window)
+        row_groups = group_starts(sorted({sl[0].start for sl in slices}), c, window_side)
+        col_groups = group_starts(sorted({sl[1].start for sl in slices}), c, window_side)
         by_start: dict[tuple[int, int], np.ndarray] = {}
         for rows in row_groups:
             for cols in col_groups:
                 r0, c0 = rows[0], cols[0]
-                window = padded[r0 : rows[-1] + c, c0 : cols[-1] + c]
                 offsets = [(r - r0, q - c0) for r in rows for q in cols]
-                maps = window_distance_maps(model, window, offsets, c)
+                maps = window_distance_maps(model, padded[r0 : rows[-1] + c, c0 : cols[-1] + c], offsets, c,
+                                            stride)
                 for (r, q), tile in zip(offsets, maps):
                     by_start[(r + r0, q + c0)] = tile
                 yield Progress(len(by_start), total, f"distance map: crop {len(by_start)}/{total}")

@@ -1578,12 +1578,9 @@ class Finetuner:
 
     def _encoder_autocast(self):
         """The frozen encoder's arithmetic for embedding views (``FinetuneConfig.encoder_precision``)."""
-        import contextlib
+        from .models import precision_autocast
 
-        torch = _torch()
-        if self.encoder_precision != "bfloat16":
-            return contextlib.nullcontext()
-        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16)
+        return precision_autocast(self.encoder_precision, self.device)
 
     @property
     def _cache_neck_input(self) -> bool:

@@ -629,6 +629,18 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bfloat16" if str(device) == "cpu" and native_bfloat16("cpu") else "float32"
 
 
+def precision_autocast(precision: str, device: str):
+    """Context manager running image-encoder calls in ``precision`` (a resolved one) on ``device``:
+    bfloat16 autocast, or nothing for float32."""
+    import contextlib
+
+    if precision == "float32":
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
 def default_precision() -> str:
     """The precision :func:`load_model` uses when none is given: ``$NAPARI_CELLSEG_PRECISION``, else ``"auto"``."""
     value = os.environ.get(PRECISION_ENV, "").strip()
@@ -671,13 +683,7 @@ class LoadedModel:
 
     def encoder_autocast(self):
         """Context manager for image-encoder calls: bfloat16 autocast when ``precision`` asks for it."""
-        import contextlib
-
-        if self.precision == "float32":
-            return contextlib.nullcontext()
-        import torch
-
-        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16)
+        return precision_autocast(self.precision, self.device)
 
     def with_precision(self, precision: str | None) -> LoadedModel:
         """This model (the same network, shared) with another encoder ``precision`` (None: unchanged; ``"auto"``:
