@@ -277,6 +277,7 @@ def part_distance(args) -> dict:
     from napari_cellseg.core import automatic as auto
     from napari_cellseg.core import postprocess as pp
     from napari_cellseg.core.models import load_model, resolve_precision
+    from napari_cellseg.core.tinyvit import plain_operators
 
     image, gt = _read(BENCH_IMAGE)
     # float32, as the stock baseline runs: the ratio compares the same arithmetic
@@ -298,6 +299,10 @@ def part_distance(args) -> dict:
         _, out["default_s"] = _timed(auto.segment, image, fast, "distance", cfg)
         _, out["default_by_crop_s"] = _timed(auto.segment, image, fast, "distance", cfg.updated(embed_window=0))
         out["default_precision"] = default
+        with plain_operators():  # the encoder's CPU inference paths off: fused post-ops, attention kernel, bands
+            _, out["default_plain_s"] = _timed(auto.segment, image, fast, "distance", cfg)
+    with plain_operators():
+        _, out["ours_plain_s"] = _timed(auto.segment, image, model, "distance", cfg)
     moves = [dict(peak=p, fill=f) for p, f in ((0.5, 0.1), (0.6, 0.2), (0.47, 0.09), (0.7, 0.3))]
     out["relabel_network_map_ms"] = _relabel_ms(result, moves)
     reference = auto.DistanceResult("distance", np.zeros(gt.shape, np.int32),
@@ -432,10 +437,17 @@ def render(results: dict, command: str) -> str:
             lines.append(f"| the same, one crop at a time (`embed_window=0`; map equal to the stock one to "
                          f"{d.get('max_map_difference', float('nan')):.0e}, to the windows' to "
                          f"{d['window_vs_crop_map_difference']:.2f}) | {d['ours_by_crop_s']:.1f} s | | {ratio_crop} | |")
+        if "ours_plain_s" in d:
+            lines.append(f"| the same, windows, the encoder's CPU inference paths off (`tinyvit.plain_operators`: "
+                         f"no fused post-ops, explicit attention, stage 0 on the whole map) | {d['ours_plain_s']:.1f} s "
+                         f"| | {d['ours_s'] / d['ours_plain_s']:.2f} (on to off) | |")
         if "default_s" in d:
             lines.append(f"| the same in this CPU's default precision ({d['default_precision']}): windows / one crop "
                          f"at a time | {d['default_s']:.1f} s / {d['default_by_crop_s']:.1f} s | | "
                          f"{d['default_s'] / d['default_by_crop_s']:.2f} (windows to crops) | |")
+        if "default_plain_s" in d:
+            lines.append(f"| the same, {d['default_precision']}, windows, CPU inference paths off | "
+                         f"{d['default_plain_s']:.1f} s | | {d['default_s'] / d['default_plain_s']:.2f} (on to off) | |")
     v = results.get("vit_b")
     if v:
         lines.append(f"| distance mode, random ViT-B, {v['image']}, {v['crops']} crops | {v['ours_s']:.1f} s "

@@ -78,3 +78,40 @@ def test_distance_decoder_is_a_separate_copy():
     assert any(n.startswith("distance_decoder.") for n in names)
     assert np.isclose(sum(p.numel() for p in decoder.parameters()),
                       sum(p.numel() for p in model.sam.mask_decoder.parameters()))
+
+
+def test_inference_decodes_the_default_prompt_with_the_factored_decoder():
+    """Without gradients the default prompt goes through FastMaskDecoder: the stock decoder's logits to float32
+    rounding, float32 under bfloat16 autocast too, and the stock decoder again once a projection is wrapped."""
+    from napari_cellseg.core import predictor
+
+    model = models.random_model("tinyvit_test")
+    decoder = dh.attach_distance_decoder(model.sam)
+    for p in decoder.parameters():  # non-trivial weights
+        p.data.normal_(0, 0.2)
+    feats, _ = _inputs(model)
+    with torch.enable_grad():
+        stock = default_prompt_logits(model.sam, feats).detach()  # gradients recorded: the stock decoder
+    with torch.no_grad():
+        fast = default_prompt_logits(model.sam, feats)
+        assert predictor._fast_default_decoder(model.sam, decoder) is not None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_autocast = default_prompt_logits(model.sam, feats)
+    torch.testing.assert_close(fast, stock, rtol=0, atol=1e-4 * float(stock.abs().max()))
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, fast)
+
+    class Wrapped(torch.nn.Module):  # what LoRA does to a projection during fine-tuning
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) + 1.0
+
+    attn = decoder.transformer.layers[0].cross_attn_token_to_image
+    attn.q_proj = Wrapped(attn.q_proj)
+    with torch.no_grad():
+        assert predictor._fast_default_decoder(model.sam, decoder) is None
+        wrapped = default_prompt_logits(model.sam, feats)
+    assert not torch.allclose(wrapped, fast)  # the wrapper's change is seen: the stock decoder ran

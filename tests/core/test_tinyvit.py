@@ -45,3 +45,65 @@ def test_the_built_size_is_unchanged_and_odd_sizes_run():
         torch.testing.assert_close(a, b)
         assert enc(torch.randn(1, 3, 72, 100)).shape == (1, 16, 18, 25)
         assert enc.features(torch.randn(1, 3, 70, 66)).shape == (1, 32, 18, 17)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (150, 94)])
+def test_the_cpu_inference_paths_compute_the_plain_network(monkeypatch, shape):
+    from napari_cellseg.core import tinyvit
+
+    enc = _encoder(window=7)
+    x = torch.randn(1, 3, *shape)
+    with torch.inference_mode():
+        fast = enc(x)
+        with tinyvit.plain_operators():
+            plain = enc(x)
+        assert tinyvit.FUSE_ON_CPU and tinyvit.ATTENTION == "auto" and tinyvit.BAND_BYTES  # restored
+    torch.testing.assert_close(fast, plain, rtol=0, atol=2e-5 * float(plain.abs().max()))
+    if tinyvit._fused_ops_work():  # the fused operators and the fused attention were really used
+        with torch.inference_mode(), torch.profiler.profile() as prof:
+            enc(x)
+        names = {e.name for e in prof.events()}
+        assert {"mkldnn::_convolution_pointwise", "mkldnn::_linear_pointwise"} <= names
+        assert "aten::scaled_dot_product_attention" in names
+
+
+def test_stage0_in_bands_equals_the_whole_map(monkeypatch):
+    from napari_cellseg.core import tinyvit
+
+    enc = _encoder(window=7)
+    assert enc._band_halo() == 4  # three 3 x 3 convolutions (two MBConv, the merge), rounded up to its stride 2
+    x = torch.randn(1, 3, 150, 94)
+    with torch.inference_mode():
+        monkeypatch.setattr(tinyvit, "BAND_BYTES", 0)
+        whole = enc(x)
+        monkeypatch.setattr(tinyvit, "BAND_BYTES", 94 * 32 * 4 * 10)  # 10 rows of the 32-channel MBConv map
+        assert enc._band_rows(x) == 10
+        banded = enc(x)
+    torch.testing.assert_close(banded, whole, rtol=0, atol=1e-6 * float(whole.abs().max()))
+    with torch.no_grad():
+        enc.train()
+        assert enc._band_rows(x) == 0  # training runs the network as built
+        enc.eval()
+    assert enc._band_rows(x) == 0  # so does anything that records gradients
+
+
+def test_fused_operator_check_is_not_fooled_by_autocast(monkeypatch):
+    """Under bfloat16 autocast the plain reference would itself be bfloat16 and miss the float32 tolerance: the
+    one-time check must run outside autocast, whatever context first asks for it."""
+    from napari_cellseg.core import tinyvit
+
+    monkeypatch.setattr(tinyvit, "_FUSED_OPS_WORK", None)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = tinyvit._fused_ops_work()
+    monkeypatch.setattr(tinyvit, "_FUSED_OPS_WORK", None)
+    assert tinyvit._fused_ops_work() == inside
+
+
+def test_bfloat16_encoder_stays_close_to_float32():
+    enc = _encoder(window=7)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.inference_mode():
+        ref = enc(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = enc(x).float()
+    assert float((low - ref).abs().max()) < 0.05 * float(ref.abs().max())

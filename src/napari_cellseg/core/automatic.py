@@ -576,7 +576,8 @@ def crop_distance_maps(model: LoadedModel, crops01: list[np.ndarray]) -> list[np
         with model.encoder_autocast():
             features = distance_features(sam, _encoder_input(sam, x))
         features = features.float()
-        logits = distance_logits(sam, features, x).float()
+        with model.encoder_autocast():  # the refiner in the encoder's arithmetic (the decoder stays float32)
+            logits = distance_logits(sam, features, x).float()
         h = logits.shape[-1]
         rows, cols = transform.resized_shape
         crop_shape = tuple(transform.original_shape)
@@ -666,7 +667,8 @@ def window_distance_maps(model: LoadedModel, window01: np.ndarray, offsets: list
         cuts = torch.cat([features[..., r // stride : r // stride + g, c // stride : c // stride + g]
                           for r, c in offsets])
         pixels = torch.cat([x[..., r : r + crop, c : c + crop] for r, c in offsets])
-        logits = distance_logits(sam, cuts.contiguous(), pixels).float()
+        with model.encoder_autocast():
+            logits = distance_logits(sam, cuts.contiguous(), pixels).float()
         if logits.shape[-2:] != (crop, crop):  # pragma: no cover - TinyViT's mask grid is the input grid
             import torch.nn.functional as F
 

