@@ -396,6 +396,20 @@ def masks_to_labels(masks: np.ndarray, scores: np.ndarray | None = None, start: 
 _FAST_DEFAULT: dict[int, tuple] = {}
 
 
+def _without_autocast(device_type: str):
+    """Autocast switched off for ``device_type`` where it is on (a no-op context elsewhere, so devices without
+    autocast support never see an autocast call)."""
+    import contextlib
+
+    import torch
+
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        on = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
+
+
 def _fast_default_decoder(sam, decoder):
     """A :class:`~napari_cellseg.core.fast_decoder.FastMaskDecoder` over ``decoder`` (kept per decoder), or None
     where it cannot run it (checked on every call: LoRA wrapped in during fine-tuning makes it unsupported)."""
@@ -442,7 +456,7 @@ def default_prompt_logits(sam, features):
     if fast is not None:
         # inference: the factored decoder, one mask token upscaled instead of four (2.8x faster on a CPU), in
         # float32 whatever autocast is in force, so the map is the stock decoder's to float32 rounding
-        with torch.autocast(features.device.type, enabled=False):
+        with _without_autocast(features.device.type):
             sparse, _ = sam.prompt_encoder(points=None, boxes=None, masks=None)
             feats = features.float()
             return torch.cat([fast(feats[b : b + 1], sparse)[0] for b in range(batch)], dim=0)
