@@ -427,8 +427,10 @@ class TinyViTEncoder(nn.Module):
 
     def _band_rows(self, x: torch.Tensor) -> int:
         """Rows per band for :meth:`_stage0_in_bands`, or 0 to run stage 0 whole (see :data:`BAND_BYTES`)."""
+        stem_strides = [m.c.stride[0] for m in self.patch_embed.seq if isinstance(m, ConvBN)]
         if (not BAND_BYTES or x.device.type != "cpu" or self.training or torch.is_grad_enabled()
-                or self.layers[0].downsample is None or not isinstance(self.layers[0].blocks[0], MBConv)):
+                or self.layers[0].downsample is None or not isinstance(self.layers[0].blocks[0], MBConv)
+                or any(s != 1 for s in stem_strides)):  # bands are cut in input rows: the stem must keep them
             return 0
         hidden = self.layers[0].blocks[0].conv1.c.out_channels
         dtype = _autocast_dtype() or x.dtype
@@ -447,7 +449,6 @@ class TinyViTEncoder(nn.Module):
         stride = merge.conv2.c.stride[0]
         halo = self._band_halo()
         side = x.shape[-2]
-        self._stem_grid = (side, x.shape[-1])
         out = []
         for r0 in range(0, side, rows):
             r1 = min(side, r0 + rows)
@@ -471,9 +472,9 @@ class TinyViTEncoder(nn.Module):
         rows = self._band_rows(x)
         if rows:
             # stage 0 and the first merge's expansion and downsampling, band by band; then its projection
-            x = layers.pop(0).downsample.conv3(self._stage0_in_bands(x, rows)).flatten(2).transpose(1, 2)
-            stride = self.layers[0].downsample.conv2.c.stride[0]
-            grid = tuple(-(-side // stride) for side in self._stem_grid)
+            x = self._stage0_in_bands(x, rows)
+            grid = (x.shape[-2], x.shape[-1])
+            x = layers.pop(0).downsample.conv3(x).flatten(2).transpose(1, 2)
         else:
             x = self._stem(x)
             grid = (x.shape[-2], x.shape[-1])
