@@ -573,10 +573,8 @@ def crop_distance_maps(model: LoadedModel, crops01: list[np.ndarray]) -> list[np
         tensors.append(t)
     x = torch.cat(tensors).to(model.device)
     with torch.inference_mode():
-        with model.encoder_autocast():
-            features = distance_features(sam, _encoder_input(sam, x))
-        features = features.float()
-        with model.encoder_autocast():  # the refiner in the encoder's arithmetic (the decoder stays float32)
+        with model.encoder_autocast():  # the encoder and the refiner in the model's precision; the decoder float32
+            features = distance_features(sam, _encoder_input(sam, x)).float()
             logits = distance_logits(sam, features, x).float()
         h = logits.shape[-1]
         rows, cols = transform.resized_shape
@@ -661,13 +659,11 @@ def window_distance_maps(model: LoadedModel, window01: np.ndarray, offsets: list
     g = crop // stride
     x = torch.from_numpy(np.ascontiguousarray(window01.transpose(2, 0, 1)))[None].to(model.device)
     with torch.inference_mode():
-        with model.encoder_autocast():
-            features = distance_features(sam, _encoder_input(sam, x))
-        features = features.float()
-        cuts = torch.cat([features[..., r // stride : r // stride + g, c // stride : c // stride + g]
-                          for r, c in offsets])
-        pixels = torch.cat([x[..., r : r + crop, c : c + crop] for r, c in offsets])
-        with model.encoder_autocast():
+        with model.encoder_autocast():  # as in crop_distance_maps
+            features = distance_features(sam, _encoder_input(sam, x)).float()
+            cuts = torch.cat([features[..., r // stride : r // stride + g, c // stride : c // stride + g]
+                              for r, c in offsets])
+            pixels = torch.cat([x[..., r : r + crop, c : c + crop] for r, c in offsets])
             logits = distance_logits(sam, cuts.contiguous(), pixels).float()
         if logits.shape[-2:] != (crop, crop):  # pragma: no cover - TinyViT's mask grid is the input grid
             import torch.nn.functional as F
