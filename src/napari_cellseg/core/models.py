@@ -641,6 +641,20 @@ def precision_autocast(precision: str, device: str):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
+def autocast_dtype(device_type: str = "cpu"):
+    """The autocast dtype in force for ``device_type`` (``"cpu"``, ``"cuda"``, ...), or None where autocast is off."""
+    import torch
+
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except TypeError:  # torch < 2.4: per-device functions
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    return None
+
+
 def default_precision() -> str:
     """The precision :func:`load_model` uses when none is given: ``$NAPARI_CELLSEG_PRECISION``, else ``"auto"``."""
     value = os.environ.get(PRECISION_ENV, "").strip()

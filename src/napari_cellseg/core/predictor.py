@@ -403,10 +403,9 @@ def _without_autocast(device_type: str):
 
     import torch
 
-    try:
-        on = torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4
-        on = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    from .models import autocast_dtype
+
+    on = autocast_dtype(device_type) is not None
     return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
 
 

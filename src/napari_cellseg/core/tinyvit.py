@@ -29,22 +29,13 @@ import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
+from .models import autocast_dtype
+
 #: Fuse GELU and residual additions into the convolutions and linear layers (oneDNN post-ops) when the encoder
 #: runs for inference on a CPU. The plain operators run elsewhere (GPUs, training, a torch without these ops).
 FUSE_ON_CPU = True
 
 _FUSED_OPS_WORK: bool | None = None
-
-
-def _autocast_dtype() -> torch.dtype | None:
-    """The CPU autocast dtype in force, or None."""
-    try:
-        if torch.is_autocast_enabled("cpu"):
-            return torch.get_autocast_dtype("cpu")
-    except TypeError:  # torch < 2.4
-        if torch.is_autocast_cpu_enabled():
-            return torch.get_autocast_cpu_dtype()
-    return None
 
 
 def _fused_ops_work() -> bool:
@@ -77,7 +68,7 @@ def _fused_dtype(x: torch.Tensor) -> torch.dtype | None:
     (not a CPU, gradients recorded, a dtype other than float32 / bfloat16, or no working fused operators)."""
     if not FUSE_ON_CPU or x.device.type != "cpu" or torch.is_grad_enabled():
         return None
-    dtype = _autocast_dtype() or x.dtype
+    dtype = autocast_dtype("cpu") or x.dtype
     if dtype not in (torch.float32, torch.bfloat16) or not _fused_ops_work():
         return None
     return dtype
@@ -116,7 +107,7 @@ def _fused_attention(q: torch.Tensor, n: int) -> bool:
         return False  # GPUs and training keep the explicit form they were measured and trained with
     # measured on a 2-core AVX-512 CPU, torch 2.14: the fused kernel is 1.7-3.7x faster in float32 and on
     # 14 x 14 windows in bfloat16, but 1.2-1.5x slower on bfloat16 7 x 7 windows
-    return (_autocast_dtype() or q.dtype) != torch.bfloat16 or n > 64
+    return q.dtype != torch.bfloat16 or n > 64  # q: the qkv layer's output, bfloat16 under bfloat16 autocast
 
 
 @contextlib.contextmanager
@@ -433,7 +424,7 @@ class TinyViTEncoder(nn.Module):
                 or any(s != 1 for s in stem_strides)):  # bands are cut in input rows: the stem must keep them
             return 0
         hidden = self.layers[0].blocks[0].conv1.c.out_channels
-        dtype = _autocast_dtype() or x.dtype
+        dtype = autocast_dtype("cpu") or x.dtype
         item = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
         stride = self.layers[0].downsample.conv2.c.stride[0]
         rows = BAND_BYTES // (x.shape[-1] * hidden * item) // stride * stride
