@@ -192,6 +192,12 @@ def part_grid(args) -> dict:
     rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # no slider below the run's probability: masks drawn only for answers above 0.8
     high, ours_high = _timed(auto.segment, image, model, "grid", cfg.updated(probability_floor=cfg.probability))
+    # the same run with the batch prompt decoder in float32 whatever the precision (the setting before 2026-12-01)
+    auto.PROMPTS_FOLLOW_PRECISION = False
+    try:
+        result_f32, ours_f32 = _timed(auto.segment, image, model, "grid", cfg)
+    finally:
+        auto.PROMPTS_FOLLOW_PRECISION = True
     prompts = args.grid_points ** 2
     stock_points = args.stock_points or args.grid_points
     cpu0 = time.process_time()
@@ -207,7 +213,10 @@ def part_grid(args) -> dict:
     again = _relabel_ms(result, moves)
     labels_default = result.relabel(probability=0.8, stability=0.6, nms_iou=0.05)
     labels_relaxed = result.relabel(probability=0.5, stability=0.3, nms_iou=0.05)
+    relaxed_f32 = result_f32.relabel(probability=0.5, stability=0.3, nms_iou=0.05)
     return dict(
+        precision=model.precision, prompts_float32_s=ours_f32, candidates_prompts_float32=len(result_f32.candidates),
+        relaxed_agreement_ap50=_ap50(relaxed_f32, labels_relaxed)[0] if relaxed_f32.max() else None,
         image=f"{BENCH_IMAGE} {image.shape[0]} x {image.shape[1]}", prompts=prompts, stock_prompts=stock_points ** 2,
         threads=torch.get_num_threads(), ours_s=ours, ours_cpu_s=ours_cpu, ours_floor08_s=ours_high,
         stock_s=stock, stock_cpu_s=stock_cpu, stock_same_grid_s=stock_same_grid, ratio=ours / stock_same_grid,
@@ -409,6 +418,13 @@ def render(results: dict, command: str) -> str:
         lines.append(
             f"| the same, floor 0.8 (slider not below 0.8; {g['candidates_floor08']} masks drawn) "
             f"| {g['ours_floor08_s']:.1f} s | | {g['ratio_floor08']:.3f} | |")
+        if "prompts_float32_s" in g:
+            agree = g.get("relaxed_agreement_ap50")
+            agree = "" if agree is None else f"; relaxed labels agree with the first row's at AP@0.5 {agree:.2f}"
+            lines.append(
+                f"| the first row with the batch prompt decoder in float32 (encoder {g['precision']}; "
+                f"{g['candidates_prompts_float32']} masks drawn{agree}) | {g['prompts_float32_s']:.1f} s | "
+                f"| {g['prompts_float32_s'] / g['stock_same_grid_s']:.3f} | |")
         if stock_grid_side == grid:
             lines.append(
                 f"| the first row in CPU time of the process (less sensitive to other jobs) | {g['ours_cpu_s']:.1f} s "

@@ -185,6 +185,9 @@ def main(argv=None) -> int:
                    help="a click the cell map finds: SAM from the cell's box (the default) or the map cell itself")
     p.add_argument("--selection", action="store_true",
                    help="evaluate on the stage-3 selection images (training split) instead of the validation split")
+    p.add_argument("--prompt-decoder", choices=["auto", "float32"], default="auto",
+                   help="arithmetic of the batch prompt decoder of the grid and guided modes: the model's precision "
+                        "(auto, the default) or float32 whatever the precision (the setting before 2026-12-01)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -196,6 +199,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    auto.PROMPTS_FOLLOW_PRECISION = args.prompt_decoder == "auto"
     items = (selection_images() if args.selection
              else validation_images([int(x) for x in args.usiigaci.split(",") if x], args.dsb_per_kind))
     rows = []

@@ -154,3 +154,80 @@ def test_litemedsam_factored_decoder_matches_on_a_real_embedding(isolated_models
     assert (out.logits - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item())
     differ = ((out.logits > 0) != (ref > 0)).sum().item()
     assert differ <= 1e-5 * ref.numel()
+
+
+@pytest.mark.parametrize("arch", ["tiny_vit", "tiny_tinyvit"])
+@pytest.mark.parametrize("multimask", [False, True])
+def test_bfloat16_image_tokens_stay_close_to_the_stock_decoder(arch, multimask, request):
+    sam = request.getfixturevalue(arch).sam
+    features = _features(sam, seed=7)
+    sparse, dense = _prompts(sam, "both", n=9, seed=8)
+    ref_masks, ref_iou = _stock(sam, features, sparse, dense, multimask)
+    decoder = BatchPromptDecoder(sam, features, dense, dtype=torch.bfloat16)
+    assert decoder.lp is torch.bfloat16 and decoder.src_lp.dtype == torch.bfloat16
+    with torch.inference_mode():
+        out = decoder(sparse, multimask=multimask)
+    assert out.scores.dtype == torch.float32 and out.logits.dtype == torch.float32
+    assert not torch.equal(out.logits, ref_masks)  # the products really ran in bfloat16 ...
+    err = (out.scores - ref_iou).abs().max().item()
+    assert 0 < err < 0.02  # ... and the probabilities moved by far less than any threshold step
+    scale = ref_masks.abs().max().item()
+    assert (out.logits - ref_masks).abs().max().item() < 0.03 * scale
+    clear = ref_masks.abs() > 0.02 * scale  # away from the threshold the masks are the same
+    assert torch.equal((out.logits > 0)[clear], (ref_masks > 0)[clear])
+
+
+def test_exact_decoder_ignores_a_low_precision(tiny_vit):
+    sam = tiny_vit.sam
+    features = _features(sam, seed=9)
+    sparse, dense = _prompts(sam, "points", n=4, seed=10)
+    ref_masks, ref_iou = _stock(sam, features, sparse, dense, False)
+    decoder = BatchPromptDecoder(sam, features, dense, exact=True, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        out = decoder(sparse)
+    assert decoder.lp is None
+    assert torch.equal(out.scores, ref_iou) and torch.equal(out.logits, ref_masks)
+
+
+def test_decode_prompts_follows_the_model_precision(tiny_tinyvit, monkeypatch):
+    from napari_cellseg.core import automatic as auto
+    from napari_cellseg.core.predictor import Predictor
+
+    model = tiny_tinyvit
+    assert auto.prompt_dtype(model.with_precision("float32")) is torch.float32
+    assert auto.prompt_dtype(model.with_precision("bfloat16")) is torch.bfloat16
+    emb = Predictor(model.with_precision("float32")).embed(np.random.default_rng(0).random((40, 40, 3), dtype=np.float32))
+    points = np.random.default_rng(1).uniform(0, 39, (6, 2))
+
+    def scores(m):
+        return np.concatenate([s for _, _, s in auto.decode_prompts(m, emb.features, emb.transform,
+                                                                     points_rc=points)])
+
+    ref = scores(model.with_precision("float32"))
+    low = scores(model.with_precision("bfloat16"))
+    assert 0 < np.abs(low - ref).max() < 0.02
+    monkeypatch.setattr(auto, "PROMPTS_FOLLOW_PRECISION", False)
+    assert auto.prompt_dtype(model.with_precision("bfloat16")) is torch.float32
+    np.testing.assert_array_equal(scores(model.with_precision("bfloat16")), ref)  # the same embedding, float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_upscaling_equals_the_plain_products(tiny_tinyvit, dtype):
+    from napari_cellseg.core import tinyvit
+
+    sam = tiny_tinyvit.sam
+    features = _features(sam, seed=11)
+    sparse, dense = _prompts(sam, "points", n=5, seed=12)
+    decoder = BatchPromptDecoder(sam, features, dense, dtype=dtype)
+    w1, w2 = decoder._up[0], decoder._up[4]
+    assert w1.T.is_contiguous() and w2.T.is_contiguous() and w1.dtype == dtype  # the fused calls' layout
+    with torch.inference_mode():
+        keys = torch.randn(3, features.shape[-1] ** 2, features.shape[1]).to(dtype)
+        hyper = torch.randn(3, 1, w2.shape[1] // 4)
+        assert decoder._fuse_upscaling(keys)
+        fused = decoder._upscale(keys, hyper)
+        with tinyvit.plain_operators():
+            assert not decoder._fuse_upscaling(keys)
+            plain = decoder._upscale(keys, hyper)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fused, plain, atol=tol * plain.abs().max().item(), rtol=0)

@@ -10,7 +10,8 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     from napari_cellseg.core.models import PRECISION_CHOICES, PRECISION_ENV
 
     parser.add_argument("--precision", choices=list(PRECISION_CHOICES), default=None,
-                        help="arithmetic of the image encoder and the distance map's refiner: bfloat16 is about "
+                        help="arithmetic of the image encoder, the distance map's refiner and the grid and guided "
+                             "modes' batch prompt decoder: bfloat16 is about "
                              "2x faster on CPUs with native "
                              "bfloat16 (AVX-512 BF16, AMX), slightly different masks; auto: bfloat16 on such a CPU, "
                              f"float32 elsewhere (default: ${PRECISION_ENV} or auto)")

@@ -59,8 +59,8 @@ class ModelSelectionWidget(QWidget):
 
         self.precision_combo.addItems(list(PRECISION_CHOICES))
         self.precision_combo.setToolTip(
-            "Arithmetic of the image encoder (and of the distance map's refiner). bfloat16: about 2x faster "
-            "embeddings on CPUs with native bfloat16 "
+            "Arithmetic of the image encoder (and of the distance map's refiner and the grid and guided modes' "
+            "prompt decoder). bfloat16: about 2x faster embeddings and grid mode on CPUs with native bfloat16 "
             "(AVX-512 BF16 or AMX: recent Intel Xeon, AMD Zen 4 and later), slower on other CPUs; masks differ "
             "slightly, with the same accuracy (docs/benchmarks.md). auto: bfloat16 on such a CPU, float32 "
             "elsewhere; the status line says which one the loaded model runs with")

@@ -742,6 +742,21 @@ def predict_distance_map(
 # ---------------------------------------------------------------------------
 
 
+#: whether the batch prompt decoder follows a bfloat16 model precision (:func:`prompt_dtype`); False keeps it in
+#: float32 whatever the precision (for comparisons in benchmarks)
+PROMPTS_FOLLOW_PRECISION = True
+
+
+def prompt_dtype(model: LoadedModel):
+    """Arithmetic of the batch prompt decoder's per-prompt image tokens for ``model``: bfloat16 when the model
+    runs in bfloat16 (``LoadedModel.precision``) and :data:`PROMPTS_FOLLOW_PRECISION`, else float32 (see
+    :class:`~napari_cellseg.core.prompt_decoder.BatchPromptDecoder`)."""
+    import torch
+
+    low = PROMPTS_FOLLOW_PRECISION and getattr(model, "precision", "float32") == "bfloat16"
+    return torch.bfloat16 if low else torch.float32
+
+
 def decode_prompts(
     model: LoadedModel,
     features,
@@ -775,7 +790,8 @@ def decode_prompts(
         returned (None: every prompt).
     exact : bool
         Run SAM's transformer as written (bit-for-bit the stock decoder)
-        instead of the factored one (equal to float32 rounding).
+        instead of the factored one (equal to float32 rounding). Otherwise
+        the factored decoder runs in the model's precision (:func:`prompt_dtype`).
     score_log : list, optional
         Receives the predicted IoUs of every batch, kept or not, ``(B, K)``.
 
@@ -812,7 +828,7 @@ def decode_prompts(
             bxs = None if xyxy is None else torch.as_tensor(xyxy[idx], dtype=torch.float32, device=dev)
             sparse, dense = sam.prompt_encoder(points=pts, boxes=bxs, masks=None)
             if decoder is None:
-                decoder = BatchPromptDecoder(sam, features, dense, exact=exact)
+                decoder = BatchPromptDecoder(sam, features, dense, exact=exact, dtype=prompt_dtype(model))
             out = decoder(sparse, multimask=multimask, min_score=min_score)
             kept = out.kept.cpu().numpy()
             if score_log is not None:

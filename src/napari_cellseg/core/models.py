@@ -685,8 +685,10 @@ class LoadedModel:
         map's refiner. ``"bfloat16"`` runs them under bfloat16 autocast (about
         2x faster on CPUs with native bfloat16, e.g. AVX-512 BF16 or AMX, and
         on recent GPUs; slower on CPUs without it); the embedding and the
-        distance map are returned as float32, and the mask decoders (the
-        distance map's, clicks, boxes, grid) stay float32. See :func:`load_model`.
+        distance map are returned as float32. The grid and guided modes'
+        batch prompt decoder then keeps its per-prompt image tokens in
+        bfloat16 (``automatic.prompt_dtype``); the other mask decoders (the
+        distance map's, clicks, boxes) stay float32. See :func:`load_model`.
     """
 
     name: str

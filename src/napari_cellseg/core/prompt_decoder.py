@@ -36,6 +36,16 @@ against ``segment_anything``'s :class:`MaskDecoder` on random models).
 ``exact=True`` keeps change 3 only: the stock transformer runs on the whole
 batch and the kept answers are bit-for-bit the stock decoder's.
 
+``dtype=torch.bfloat16`` (the grid and guided modes pass it for a model whose
+precision is bfloat16, see ``LoadedModel.precision``) keeps the per-prompt
+image tokens in bfloat16 and runs the ``(G*G, C) x (C, H*T)`` products and
+the output upscaling on them in bfloat16 (accumulated in float32 by the
+matrix kernels). The prompt tokens, the first layer's attention over the
+shared image tokens, every softmax's sums and the IoU head stay float32. On a
+CPU with native bfloat16 that halves the memory traffic and quadruples the
+product throughput; the predicted IoUs move by less than a bfloat16 image
+encoder moves them (docs/automatic.md, "Grid mode in bfloat16").
+
 Only SAM's own ``MaskDecoder`` with a ``TwoWayTransformer`` (every model of the
 catalogue, LoRA adapters merged) is factored; any other decoder is run as it is.
 Torch is imported lazily by the callers (this module is imported only when a
@@ -124,7 +134,7 @@ class _CrossAttention:
     matrix products as they are, and the residual additions are fused into them.
     """
 
-    def __init__(self, attn) -> None:
+    def __init__(self, attn, dtype=None) -> None:
         c = attn.embedding_dim
         self.heads = attn.num_heads
         self.d = attn.internal_dim // attn.num_heads
@@ -139,6 +149,12 @@ class _CrossAttention:
         self.wk = wk.reshape(h, d, c)
         self.wv = wv.reshape(h, d, c)
         self.wo = wo.reshape(c, h, d)
+        #: dtype of the per-prompt image tokens (None: theirs, float32); products with them run in it
+        self.dtype = dtype
+
+    def _lp(self, x):
+        """``x`` in the image tokens' dtype (a no-op in float32)."""
+        return x if self.dtype is None else x.to(self.dtype)
 
     def _heads(self, x, w, bias):
         """Project tokens ``(B, T, C)`` and split the heads: ``(B, T, H, d)``."""
@@ -165,15 +181,15 @@ class _CrossAttention:
         q = self._heads(q_tok, self.wq2, self.bq)
         # the query in the image's channel space, one column per (token, head); b_k shifts every score
         # of a row equally, which a softmax ignores
-        q_img = torch.einsum("bthd,hdc->bthc", q, self.wk).reshape(b, t * h, c) * self.scale
+        q_img = self._lp(torch.einsum("bthd,hdc->bthc", q, self.wk).reshape(b, t * h, c) * self.scale)
         # scores (B, T*H, N): the (B, N, C) operand enters transposed, which BLAS reads without a copy
         if k_shared is None:
             scores = torch.bmm(q_img, k_img.transpose(1, 2))
         else:
             shared = (q_img.reshape(b * t * h, c) @ k_shared.T).reshape(b, t * h, -1)
             scores = torch.baddbmm(shared, q_img, k_img.transpose(1, 2))
-        a = torch.softmax(scores, dim=-1)  # over the image tokens
-        ax = torch.bmm(a, v_img).reshape(b, t, h, c)  # attention-weighted image tokens
+        a = torch.softmax(scores, dim=-1, dtype=torch.float32)  # over the image tokens, summed in float32
+        ax = torch.bmm(self._lp(a), v_img).float().reshape(b, t, h, c)  # attention-weighted image tokens
         out = torch.einsum("bthc,hdc->bthd", ax, self.wv) + self.bv.reshape(h, self.d)
         return out.reshape(b, t, h * self.d) @ self.wo2.T + self.bo
 
@@ -199,16 +215,22 @@ class _CrossAttention:
         v_out = torch.einsum("bthd,chd->bthc", v, self.wo).reshape(b, t * self.heads, c) + self.bo / self.heads
         return k, v_out
 
-    def _residual_mix(self, residual, scores, v_out):
-        """``residual + attn`` from scores ``(B, T, H, N)``: softmax over the tokens, one fused product."""
+    def _residual_mix(self, residual, scores, v_out, inplace: bool = False):
+        """``residual + attn`` from scores ``(B, T, H, N)``: softmax over the tokens, one fused product
+        (accumulated into ``residual`` itself with ``inplace``, which spares a copy of the image tokens)."""
         import torch
 
         b, t, h, n = scores.shape
-        a = torch.softmax(scores, dim=1).reshape(b, t * h, n)
-        return torch.baddbmm(residual, a.transpose(1, 2), v_out)
+        a = self._lp(torch.softmax(scores, dim=1, dtype=torch.float32).reshape(b, t * h, n))
+        if inplace:
+            return residual.baddbmm_(a.transpose(1, 2), self._lp(v_out))
+        return torch.baddbmm(residual, a.transpose(1, 2), self._lp(v_out))
 
     def image_to_tokens(self, residual, q_img, k_tok, v_tok):
-        """``residual + attn(q=q_img, k=k_tok, v=v_tok)`` for per-prompt image tokens ``(B, N, C)``."""
+        """``residual + attn(q=q_img, k=k_tok, v=v_tok)`` for per-prompt image tokens ``(B, N, C)``.
+
+        The result is accumulated into ``residual`` (the previous layer's
+        output, which nothing reads afterwards)."""
         import torch
 
         b, n, c = q_img.shape
@@ -217,10 +239,10 @@ class _CrossAttention:
         k, v_out = self._token_side(k_tok, v_tok)
         # the keys in the image's channel space, one column per (token, head); the query bias adds one
         # score per column
-        k_img = torch.einsum("hdc,bthd->bthc", self.wq, k).reshape(b, t * h, c) * self.scale
-        bias = torch.einsum("hd,bthd->bth", self.bq.reshape(h, self.d), k).reshape(b, t * h, 1) * self.scale
+        k_img = self._lp(torch.einsum("hdc,bthd->bthc", self.wq, k).reshape(b, t * h, c) * self.scale)
+        bias = self._lp(torch.einsum("hd,bthd->bth", self.bq.reshape(h, self.d), k).reshape(b, t * h, 1) * self.scale)
         scores = torch.baddbmm(bias, k_img, q_img.transpose(1, 2)).reshape(b, t, h, n)
-        return self._residual_mix(residual, scores, v_out)
+        return self._residual_mix(residual, scores, v_out, inplace=True)
 
     def shared_image_to_tokens(self, residual, q_shared, k_tok, v_tok):
         """The same for image tokens shared by all prompts: ``q_shared`` ``(H, N, d)``."""
@@ -247,18 +269,25 @@ class BatchPromptDecoder:
     exact : bool
         Run the stock transformer (bit-for-bit the stock decoder); masks are
         still drawn only for the kept answers.
+    dtype : torch.dtype, optional
+        Arithmetic of the per-prompt image tokens (default float32;
+        ``torch.bfloat16``: see the module notes). Ignored with ``exact``.
 
     Call it inside ``torch.inference_mode()`` with sparse prompt embeddings
     ``(B, P, C)`` from ``sam.prompt_encoder``; see :meth:`__call__`.
     """
 
-    def __init__(self, sam, features, dense, exact: bool = False) -> None:
+    def __init__(self, sam, features, dense, exact: bool = False, dtype=None) -> None:
+        import torch
+
         self.dec = sam.mask_decoder
         self.features = features
         self.dense = dense[:1]
         self.pe = sam.prompt_encoder.get_dense_pe()
         self.exact = exact or not can_factor(sam)
         self._up = None
+        #: dtype of the per-prompt image tokens when it is not float32, else None
+        self.lp = None if self.exact or dtype in (None, torch.float32) else dtype
         if self.exact:
             return
         tr = self.dec.transformer
@@ -266,16 +295,18 @@ class BatchPromptDecoder:
         src = (features + self.dense).flatten(2).transpose(1, 2)[0]  # (N, C), the same for every prompt
         pos = self.pe.flatten(2).transpose(1, 2)[0]
         self.src, self.pos = src, pos
+        # the shared image tokens as the per-prompt ones are kept (the first layer's residual, every key's PE)
+        self.src_lp, self.pos_lp = (src, pos) if self.lp is None else (src.to(self.lp), pos.to(self.lp))
         self.layers = []
         for i, layer in enumerate(tr.layers):
-            t2i = _CrossAttention(layer.cross_attn_token_to_image)
-            i2t = _CrossAttention(layer.cross_attn_image_to_token)
+            t2i = _CrossAttention(layer.cross_attn_token_to_image, self.lp)
+            i2t = _CrossAttention(layer.cross_attn_image_to_token, self.lp)
             shared = None
             if i == 0:  # the image tokens of the first layer do not depend on the prompt
                 shared = dict(k=t2i.project_shared(src + pos, "k").transpose(1, 2).contiguous(),
                               v=t2i.project_shared(src, "v"), q=i2t.project_shared(src + pos, "q"))
             self.layers.append((layer, t2i, i2t, shared))
-        self.final = _CrossAttention(tr.final_attn_token_to_image)
+        self.final = _CrossAttention(tr.final_attn_token_to_image, self.lp)
         self._up = self._prepare_upscaling()
 
     def _transformer(self, tokens, out_tokens):
@@ -298,19 +329,19 @@ class BatchPromptDecoder:
             if keys is None:
                 attn = t2i.tokens_to_shared_image(queries + tokens, shared["k"], shared["v"])
             else:
-                kp = keys + self.pos  # shared by both cross-attentions of this layer
+                kp = keys + self.pos_lp  # shared by both cross-attentions of this layer
                 attn = t2i.tokens_to_image(queries + tokens, kp, keys)
             queries = layer.norm2(queries + attn)
             queries = layer.norm3(queries + layer.mlp(queries))
             if keys is None:
-                src = self.src.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+                src = self.src_lp.unsqueeze(0).expand(tokens.shape[0], -1, -1)
                 keys = layer.norm4(i2t.shared_image_to_tokens(src, shared["q"], queries + tokens, queries))
             else:
                 keys = layer.norm4(i2t.image_to_tokens(keys, kp, queries + tokens, queries))
         if keys is None:  # a transformer without layers
-            keys = self.src.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+            keys = self.src_lp.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         queries = queries[:, out_tokens]
-        attn = self.final.tokens_to_image(queries + tokens[:, out_tokens], keys, keys, k_shared=self.pos)
+        attn = self.final.tokens_to_image(queries + tokens[:, out_tokens], keys, keys, k_shared=self.pos_lp)
         queries = self.dec.transformer.norm_final_attn(queries + attn)
         return queries, keys
 
@@ -330,19 +361,38 @@ class BatchPromptDecoder:
         p, n, c = keys.shape
         g = self.features.shape[-1]
         if self.exact or self._up is None:
-            up = dec.output_upscaling(keys.transpose(1, 2).reshape(p, c, g, g))
+            up = dec.output_upscaling(keys.float().transpose(1, 2).reshape(p, c, g, g))
             _, cu, hu, wu = up.shape
             return (hyper @ up.view(p, cu, hu * wu)).view(p, -1, hu, wu)
         w1, b1, ln, act1, w2, b2, act2 = self._up
-        c4 = b1.shape[0]
-        y = torch.addmm(b1.repeat(4), keys.reshape(p * n, c), w1).reshape(p, n * 4, c4)
-        y = act1(F.layer_norm(y, (c4,), ln.weight, ln.bias, ln.eps))
-        z = act2(torch.addmm(b2.repeat(4), y.reshape(p * n * 4, c4), w2))
+        c4 = b1.shape[0] // 4  # channels of the first convolution (its bias is repeated per sub-pixel)
+        if self._fuse_upscaling(keys):
+            # oneDNN's linear with the bias (and the second GELU) as post-ops: no separate pass over the output
+            y = torch.ops.mkldnn._linear_pointwise(keys.reshape(p * n, c), w1.T, b1, "none", [], None)
+            y = act1(F.layer_norm(y.reshape(p, n * 4, c4), (c4,), ln.weight, ln.bias, ln.eps))
+            z = torch.ops.mkldnn._linear_pointwise(y.reshape(p * n * 4, c4), w2.T, b2, "gelu", [], "none")
+        else:
+            y = torch.addmm(b1, keys.reshape(p * n, c), w1).reshape(p, n * 4, c4)
+            y = act1(F.layer_norm(y, (c4,), ln.weight, ln.bias, ln.eps))
+            z = act2(torch.addmm(b2, y.reshape(p * n * 4, c4), w2))
         # z: (P*N*4, 4*C8), sub-pixel (a, b) of the first convolution, then (a2, b2) of the second
-        logits = torch.bmm(z.reshape(p, n * 16, -1), hyper.transpose(1, 2))  # (P, N*16, K)
+        hyper = hyper.to(z.dtype)
+        logits = torch.bmm(z.reshape(p, n * 16, -1), hyper.transpose(1, 2)).float()  # (P, N*16, K)
         k = hyper.shape[1]
         logits = logits.reshape(p, g, g, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)
         return logits.reshape(p, k, 4 * g, 4 * g)
+
+    def _fuse_upscaling(self, keys) -> bool:
+        """Whether the factored upscaling runs its two products as fused oneDNN calls: on a CPU, for inference,
+        where the encoder's fused operators work (``tinyvit.FUSE_ON_CPU``, switched off by
+        ``tinyvit.plain_operators()``) and the second activation is the exact GELU they compute."""
+        import torch
+
+        from . import tinyvit
+
+        act2 = self._up[-1]
+        return (keys.device.type == "cpu" and not torch.is_grad_enabled() and tinyvit.FUSE_ON_CPU
+                and type(act2) is torch.nn.GELU and act2.approximate == "none" and tinyvit._fused_ops_work())
 
     def _prepare_upscaling(self):
         """Weights of the factored upscaling, or None when the upscaling is not SAM's layout."""
@@ -358,10 +408,14 @@ class BatchPromptDecoder:
                         for m in (seq[0], seq[3]))):
             return None
         t1, ln, act1, t2, act2 = seq
-        # (in, out, a, b) -> (in, a, b, out): output channels last for each sub-pixel
-        w1 = t1.weight.permute(0, 2, 3, 1).reshape(t1.in_channels, -1)
-        w2 = t2.weight.permute(0, 2, 3, 1).reshape(t2.in_channels, -1)
-        return w1, t1.bias, ln, act1, w2, t2.bias, act2
+        # (in, out, a, b) -> (in, a, b, out): output channels last for each sub-pixel; one bias per sub-pixel
+        # (the transposes, (out, in), are contiguous: the layout of the fused calls)
+        w1 = t1.weight.permute(0, 2, 3, 1).reshape(t1.in_channels, -1).T.contiguous().T
+        w2 = t2.weight.permute(0, 2, 3, 1).reshape(t2.in_channels, -1).T.contiguous().T
+        b1, b2 = t1.bias.repeat(4), t2.bias.repeat(4)
+        if self.lp is not None:  # the products run on the low-precision image tokens; the LayerNorm sums in float32
+            w1, b1, w2, b2 = (t.to(self.lp) for t in (w1, b1, w2, b2))
+        return w1, b1, ln, act1, w2, b2, act2
 
     def __call__(self, sparse, multimask: bool = False, min_score: float | None = None) -> DecodedBatch:
         """Decode a batch of prompts.
