@@ -196,7 +196,8 @@ def test_decode_prompts_follows_the_model_precision(tiny_tinyvit, monkeypatch):
     model = tiny_tinyvit
     assert auto.prompt_dtype(model.with_precision("float32")) is torch.float32
     assert auto.prompt_dtype(model.with_precision("bfloat16")) is torch.bfloat16
-    emb = Predictor(model.with_precision("float32")).embed(np.random.default_rng(0).random((40, 40, 3), dtype=np.float32))
+    image01 = np.random.default_rng(0).random((40, 40, 3), dtype=np.float32)
+    emb = Predictor(model.with_precision("float32")).embed(image01)
     points = np.random.default_rng(1).uniform(0, 39, (6, 2))
 
     def scores(m):

@@ -134,7 +134,7 @@ class _CrossAttention:
     matrix products as they are, and the residual additions are fused into them.
     """
 
-    def __init__(self, attn, dtype=None) -> None:
+    def __init__(self, attn, lp=None) -> None:
         c = attn.embedding_dim
         self.heads = attn.num_heads
         self.d = attn.internal_dim // attn.num_heads
@@ -149,12 +149,12 @@ class _CrossAttention:
         self.wk = wk.reshape(h, d, c)
         self.wv = wv.reshape(h, d, c)
         self.wo = wo.reshape(c, h, d)
-        #: dtype of the per-prompt image tokens (None: theirs, float32); products with them run in it
-        self.dtype = dtype
+        #: dtype of the per-prompt image tokens when it is not float32, else None; products with them run in it
+        self.lp = lp
 
     def _lp(self, x):
         """``x`` in the image tokens' dtype (a no-op in float32)."""
-        return x if self.dtype is None else x.to(self.dtype)
+        return x if self.lp is None else x.to(self.lp)
 
     def _heads(self, x, w, bias):
         """Project tokens ``(B, T, C)`` and split the heads: ``(B, T, H, d)``."""
