@@ -609,3 +609,27 @@ def test_inputs_are_not_modified(tiny_vit):
     before = image.copy()
     auto.segment(image, tiny_vit, mode="grid", config=auto.GridConfig(points_per_side=2))
     assert np.array_equal(image, before)
+
+
+def test_grid_mode_in_bfloat16_draws_nearly_the_float32_candidates(tiny_vit, monkeypatch):
+    """A bfloat16 model runs the batch prompt decoder in bfloat16 (on the same float32 embedding here):
+    the same prompts are drawn, with probabilities within bfloat16 rounding, and the labels mostly agree."""
+    from napari_cellseg.core.predictor import Predictor
+
+    model = tiny_vit
+    model.sam.mask_decoder.iou_prediction_head.layers[-1].bias.data += 1.0  # confident answers
+    low = model.with_precision("bfloat16")
+    # the same embedding for both precisions, so only the decoder's arithmetic differs
+    real_embed = Predictor.embed
+    monkeypatch.setattr(Predictor, "embed", lambda self, image01: real_embed(Predictor(model), image01))
+    image, _ = _cells((96, 80), [(30, 30), (60, 50)], [12, 14])
+    cfg = auto.GridConfig(points_per_side=6, max_area_fraction=1.0, probability=0.5, stability=0.0, nms_iou=0.5)
+    ref = auto.segment(image, model, mode="grid", config=cfg)
+    out = auto.segment(image, low, mode="grid", config=cfg)
+    assert len(ref.candidates) == len(out.candidates) == 36
+    assert np.array_equal(ref.candidates.ids, out.candidates.ids)
+    err = np.abs(out.candidates.scores - ref.candidates.scores).max()
+    assert 0 < err < 0.02  # bfloat16 really ran, and moved the probabilities by little
+    assert ref.n_cells >= 1
+    fg_ref, fg_out = ref.labels > 0, out.labels > 0
+    assert (fg_ref & fg_out).sum() / max(1, (fg_ref | fg_out).sum()) > 0.9
