@@ -383,16 +383,17 @@ class BatchPromptDecoder:
         return logits.reshape(p, k, 4 * g, 4 * g)
 
     def _fuse_upscaling(self, keys) -> bool:
-        """Whether the factored upscaling runs its two products as fused oneDNN calls: on a CPU, for inference,
-        where the encoder's fused operators work (``tinyvit.FUSE_ON_CPU``, switched off by
-        ``tinyvit.plain_operators()``) and the second activation is the exact GELU they compute."""
+        """Whether the factored upscaling runs its two products as fused oneDNN calls: where the encoder's own
+        fused calls would run in the image tokens' dtype (``tinyvit._fused_dtype``: a CPU, inference, working
+        operators, not switched off by ``tinyvit.plain_operators()``) and the second activation is the exact
+        GELU they compute."""
         import torch
 
         from . import tinyvit
 
         act2 = self._up[-1]
-        return (keys.device.type == "cpu" and not torch.is_grad_enabled() and tinyvit.FUSE_ON_CPU
-                and type(act2) is torch.nn.GELU and act2.approximate == "none" and tinyvit._fused_ops_work())
+        return (type(act2) is torch.nn.GELU and act2.approximate == "none"
+                and tinyvit._fused_dtype(keys) == keys.dtype)
 
     def _prepare_upscaling(self):
         """Weights of the factored upscaling, or None when the upscaling is not SAM's layout."""
