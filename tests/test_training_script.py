@@ -68,3 +68,21 @@ def test_merge_joins_the_distance_encoders_lora_of_several_stages_into_the_same_
         want = sum(t[f"s{s}.{layer}.{p}B"].half().float() @ t[f"s{s}.{layer}.{p}A"].half().float() for s in (0, 1))
         torch.testing.assert_close(b @ a, want)
     assert "s0.full.distance_neck.0.weight" in merged
+
+
+def test_a_continued_stage_can_keep_the_selection_images_out(shared_data):
+    """Stage 4's data: the training split less the images kept aside to choose between runs (never validation)."""
+    import datasets
+    import train_encoder_stage
+
+    data = train_default_model.build_training_data(dsb_limit=6, keep_selection_out=True)
+    names = [p.name for p in data.pairs]
+    _, _, select_u, select_d = train_encoder_stage.split_files()
+    held = {f"usiigaci set{k}" for k in select_u + datasets.USIIGACI_VALIDATION}
+    held |= {datasets.dsb_name(r) for r in select_d}
+    held |= {datasets.dsb_name(r) for r in datasets.dsb_index() if r["split"] == "validation"}
+    assert len(names) == len(datasets.USIIGACI_TRAIN) - len(select_u) + 6
+    assert not held & set(names)
+    # without the flag the selection images are training data, as in stages 1-2
+    everything = train_default_model.build_training_data(dsb_limit=6)
+    assert {f"usiigaci set{k}" for k in select_u} <= {p.name for p in everything.pairs}

@@ -48,18 +48,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: E402
 
 
-def build_training_data(dsb_limit: int | None = None):
+def build_training_data(dsb_limit: int | None = None, keep_selection_out: bool = False):
+    """The training split as :class:`~napari_cellseg.core.finetune.TrainingData`.
+
+    ``dsb_limit``: at most this many DSB training images, spread over the list.
+    ``keep_selection_out``: leave out the images kept aside to choose between runs
+    (``train_encoder_stage.SELECT_USIIGACI`` and every ``SELECT_DSB_EVERY``-th DSB training image).
+    """
     from napari_cellseg.core.finetune import make_training_data
 
+    usiigaci = list(datasets.USIIGACI_TRAIN)
+    dsb = [r for r in datasets.dsb_index() if r["split"] == "train"]
+    if keep_selection_out:
+        import train_encoder_stage
+
+        usiigaci, dsb, _, _ = train_encoder_stage.split_files()
+    if dsb_limit is not None:
+        dsb = dsb[:: max(1, len(dsb) // dsb_limit)][:dsb_limit]
     images, labels, names = [], [], []
-    for k in datasets.USIIGACI_TRAIN:
+    for k in usiigaci:
         img, lab = datasets.usiigaci_pair(k)
         images.append(img)
         labels.append(lab)
         names.append(f"usiigaci set{k}")
-    dsb = [r for r in datasets.dsb_index() if r["split"] == "train"]
-    if dsb_limit is not None:
-        dsb = dsb[:: max(1, len(dsb) // dsb_limit)][:dsb_limit]
     for r in dsb:
         img, lab = datasets.dsb_pair(r["file"])
         images.append(img)
@@ -224,18 +235,24 @@ def train_and_stage(base, data, cfg, args, label: str, trainer=None) -> Path:
 
 
 def continue_distance(args) -> Path:
-    """Stage 2: the distance recipe continued from the packaged model, merged into one packaged stage."""
+    """A distance stage continued from the packaged model (its encoder frozen), merged into one packaged stage.
+
+    Stage 2 (``--continue-dsb 60``) continued stage 1; stage 4 (``--continue-dsb all --keep-selection-out``)
+    continues stage 3, whose distance encoder carries LoRA: the features are cached through that encoder
+    and its neck, decoder and refiner are trained on all the DSB training images.
+    """
     from napari_cellseg.core.finetune import FinetuneConfig, load_adapter
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     packaged = Path(args.out) / f"{args.name}.safetensors"
-    data = build_training_data(CONTINUE_DSB)
-    print(f"stage 2 data: {len(data)} planes, {data.n_cells} cells", flush=True)
-    cfg = FinetuneConfig(recipe="distance", minutes=args.continue_minutes, lr=args.lr or CONTINUE_LR,
-                         seed=args.seed, feature_cache=str(work / "features"),
+    limit = None if args.continue_dsb == "all" else int(args.continue_dsb)
+    data = build_training_data(limit, keep_selection_out=args.keep_selection_out)
+    print(f"continued stage data: {len(data)} planes, {data.n_cells} cells", flush=True)
+    cfg = FinetuneConfig(recipe="distance", minutes=args.continue_minutes, views=args.views,
+                         lr=args.lr or CONTINUE_LR, seed=args.seed, feature_cache=str(work / "features"),
                          checkpoint=str(work / "checkpoint.pt"), patience=0, device="cpu")
-    path = train_and_stage(load_adapter(packaged, device="cpu"), data, cfg, args, "stage 2")
+    path = train_and_stage(load_adapter(packaged, device="cpu"), data, cfg, args, "continued stage")
     merge_full_stages(path, args.name)
     return path
 
@@ -254,7 +271,11 @@ def main(argv=None) -> int:
     p.add_argument("--package-only", action="store_true",
                    help="only rewrite the adapter in --out as the packaged model (keep the base prompt pathway)")
     p.add_argument("--continue-minutes", type=float, default=None,
-                   help="stage 2: continue the packaged model in --out with the distance recipe for this long")
+                   help="stage 2 or 4: continue the packaged model in --out with the distance recipe for this long")
+    p.add_argument("--continue-dsb", default=str(CONTINUE_DSB),
+                   help="DSB training images of a continued stage: a number (spread over the list) or 'all'")
+    p.add_argument("--keep-selection-out", action="store_true",
+                   help="leave out the images train_encoder_stage.py keeps aside to choose between runs")
     p.add_argument("--tune-only", action="store_true",
                    help="only choose the distance-mode defaults of the adapter in --out (no training)")
     args = p.parse_args(argv)
