@@ -594,6 +594,47 @@ def test_interrupted_save_leaves_nothing(monkeypatch, tmp_path):
     assert "half" not in models.catalogue()
 
 
+def test_an_adapter_file_loads_by_its_path_and_never_stands_in_for_a_catalogue_model(tmp_path):
+    """A colleague's adapter copied into any folder: ``--model path/to/it.safetensors`` (or its .json) loads it,
+    under its path, even when the catalogue holds another adapter of the same file name."""
+    import shutil
+
+    base = models.load_model(_checkpoint(tmp_path, "vit_test"), device="cpu")
+    image, labels = _cells()
+
+    def train(lr):
+        cfg = ft.FinetuneConfig(recipe="distance", epochs=2, minutes=None, views=2, lr=lr)
+        return run_to_completion(ft.finetune(base, ft.make_training_data(image, labels), cfg))
+
+    mine = ft.save_adapter(train(1e-2), "twin")
+    elsewhere = tmp_path / "from-a-colleague"
+    theirs = ft.save_adapter(train(3e-2), "twin", directory=elsewhere)
+    assert theirs.parent == elsewhere
+    models.clear_model_cache()
+    by_path = models.load_model(str(theirs), device="cpu")
+    assert by_path.name == str(theirs.resolve()) and by_path.entry.source == "adapter"
+    assert by_path.meta["output"] == "distance"
+    assert models.load_model(str(theirs.with_suffix(".json")), device="cpu").name == str(theirs.resolve())
+    by_name = models.load_model("twin", device="cpu")
+    assert by_name.meta["adapter_file"] == str(mine)
+    a, b = _decode_outputs(by_path)[4], _decode_outputs(by_name)[4]
+    assert not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, _decode_outputs(ft.load_adapter(theirs, device="cpu"))[4])
+    # a corrupt copy is refused by its checksum, as by name; a lone safetensors file is read as a checkpoint
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in (theirs, theirs.with_suffix(".json")):
+        shutil.copy(f, broken / f.name)
+    data = bytearray((broken / theirs.name).read_bytes())
+    data[-5] ^= 0xFF
+    (broken / theirs.name).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum"):
+        models.load_model(str(broken / theirs.name), device="cpu")
+    (broken / "twin.json").unlink()
+    with pytest.raises(ValueError, match="not a Segment Anything checkpoint"):
+        models.load_model(str(broken / theirs.name), device="cpu")
+
+
 def test_adapter_names_and_overwrite():
     image, labels = _cells()
     result = run_to_completion(ft.finetune(models.random_model("vit_test"), ft.make_training_data(image, labels),

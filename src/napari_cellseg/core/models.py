@@ -306,6 +306,9 @@ def get_entry(name_or_path: str | os.PathLike) -> ModelEntry:
         return entries[key]
     path = Path(key).expanduser()
     if path.is_file():
+        adapter = _adapter_file_entry(path)
+        if adapter is not None:
+            return adapter
         return ModelEntry(
             name=str(path), architecture="", input_size=0, source="file", location=str(path.resolve()),
             known_hash=None, licence="unknown", description=f"local checkpoint {path.name}", filename=path.name,
@@ -315,6 +318,23 @@ def get_entry(name_or_path: str | os.PathLike) -> ModelEntry:
     raise ValueError(
         f"unknown model {key!r}: choose one of {', '.join(sorted(entries))}, or give the path of a checkpoint file"
     )
+
+
+def _adapter_file_entry(path: Path) -> ModelEntry | None:
+    """An entry for an adapter saved by this plugin, given by its ``.safetensors`` or ``.json`` path (with the
+    other file beside it), else None. It is named by its resolved path, so an adapter copied from elsewhere never
+    stands in for a catalogue model of the same name; its JSON's sha256 is checked when it loads."""
+    if path.suffix not in (".safetensors", ".json"):
+        return None
+    js, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
+    if not (js.is_file() and weights.is_file()):
+        return None
+    from .finetune import adapter_entry
+
+    entry = adapter_entry(js)
+    if entry is None:
+        return None
+    return replace(entry, name=str(weights.resolve()), location=str(weights.resolve()), known_hash=None)
 
 
 def package_resource(location: str) -> Path | None:
@@ -789,6 +809,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | None
             return _CACHE[key].with_precision(precision)
     if entry.source in _ENTRY_LOADERS:
         loaded = _ENTRY_LOADERS[entry.source](entry, dev)
+        if loaded.name != entry.name:  # an adapter given by its path keeps the path as its name
+            loaded = replace(loaded, name=entry.name, entry=replace(loaded.entry, name=entry.name))
     else:
         path = fetch_weights(entry, progress=progress)
         if entry.source == "package":
