@@ -127,6 +127,33 @@ def test_huge_planes_are_tiled(monkeypatch):
     assert len(data) > 1 and all(p.shape[0] <= 64 and p.shape[1] <= 64 for p in data.pairs)
 
 
+def test_labels_that_are_not_one_region_per_cell_are_refused():
+    """Every cell painted with label 1 (napari's commonest slip), or the image passed as labels: a clear message,
+    not a model trained on nonsense; real instance labels with a stray pixel or a split stroke still pass."""
+    from skimage.draw import disk
+
+    image = np.random.default_rng(0).random((96, 96))
+    cells = np.zeros((96, 96), np.int32)
+    for k, (r, c) in enumerate([(15, 15), (15, 50), (50, 30), (75, 75), (80, 20), (45, 80)], start=1):
+        cells[disk((r, c), 8, shape=cells.shape)] = k
+    mask = (cells > 0).astype(np.uint8)
+    with pytest.raises(ValueError, match="all 6 painted regions share the label 1.*press M"):
+        ft.make_training_data(image, mask)
+    noise = (np.random.default_rng(1).random((96, 96)) * 255).astype(np.uint8)
+    with pytest.raises(ValueError, match="not look like an instance label image.*labels lie in"):
+        ft.make_training_data(image, noise)
+    two_classes = np.where(cells > 3, 2, mask).astype(np.uint8)
+    with pytest.raises(ValueError, match="its 2 labels lie in 6 separate pieces"):
+        ft.make_training_data(image, two_classes)
+    ok = cells.copy()
+    ok[0, 95] = 1  # a stray pixel of cell 1
+    ok[50, 22:39] = 0  # cell 3 cut in two by an eraser stroke
+    assert ft.make_training_data(image, ok).n_cells == 6
+    # a stack: the message names the plane
+    with pytest.raises(ValueError, match="plane 1: all 6"):
+        ft.make_training_data(np.stack([image, image]), np.stack([cells, mask.astype(np.int32)]))
+
+
 @pytest.mark.parametrize("labels, error, match", [
     (np.zeros((32, 32), np.uint16), ValueError, "no cells"),
     ("single", ValueError, "only 1 cell.*at least 2"),

@@ -101,3 +101,22 @@ def test_bad_input_shows_an_error_and_reenables(viewer_with_cells, qtbot, monkey
     widget.name_edit.setText("litemedsam")
     widget.train_btn.click()
     assert "built-in model" in errors[-1] and widget.train_btn.isEnabled()
+
+
+def test_cells_painted_with_one_label_are_refused_and_the_layer_is_kept(viewer_with_cells, qtbot, monkeypatch):
+    """Every cell painted with label 1 (no new label between cells): the worker stops with a message that says how
+    to fix it, nothing is saved, and the user's layer is as it was."""
+    viewer, _, labels, _ = viewer_with_cells
+    errors = []
+    monkeypatch.setattr("napari_cellseg._napari.finetune_widget.show_error", errors.append)
+    painted = (labels > 0).astype(np.uint16)
+    layer = viewer.add_labels(painted.copy(), name="one label")
+    widget = FinetuneWidget(viewer)
+    widget.labels_combo.setCurrentText("one label")
+    widget.budget_combo.setCurrentText("epochs")
+    widget.epochs_spin.setValue(1)
+    widget.train_btn.click()
+    qtbot.waitUntil(lambda: widget.train_btn.isEnabled() and bool(errors), timeout=60000)
+    assert "share the label 1" in errors[-1] and "press M" in errors[-1]
+    assert not (models.cache_dir() / "adapters").exists()
+    np.testing.assert_array_equal(layer.data, painted)
