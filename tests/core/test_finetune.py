@@ -641,6 +641,7 @@ def test_an_adapter_file_loads_by_its_path_and_never_stands_in_for_a_catalogue_m
     by_path = models.load_model(str(theirs), device="cpu")
     assert by_path.name == str(theirs.resolve()) and by_path.entry.source == "adapter"
     assert by_path.meta["output"] == "distance"
+    assert by_path.describe().startswith("twin.safetensors (vit_test")  # the status line names the file
     assert models.load_model(str(theirs.with_suffix(".json")), device="cpu").name == str(theirs.resolve())
     by_name = models.load_model("twin", device="cpu")
     assert by_name.meta["adapter_file"] == str(mine)

@@ -742,7 +742,8 @@ class LoadedModel:
     def describe(self) -> str:
         """One line for a status bar: name, architecture and device."""
         arithmetic = "" if self.precision == "float32" else f", {self.precision} encoder"
-        return f"{self.entry.name if self.entry.source != 'file' else Path(self.name).name} " \
+        by_path = self.entry.source == "file" or Path(self.entry.name).is_absolute()  # a file, or an adapter's
+        return f"{Path(self.name).name if by_path else self.entry.name} " \
                f"({self.entry.architecture or 'sam'}, {self.input_size} px{arithmetic}) on {self.device}"
 
 
