@@ -136,6 +136,24 @@ def test_fractional_labels_are_reported_not_crashed_on(tmp_path, capsys):
     assert "fractional values" in printed and "Evaluated 1 image pair(s)" in printed
 
 
+def test_a_mask_given_as_labels_is_reported_not_scored(tmp_path, capsys):
+    """A binary mask as ground truth (all cells label 1) would score as one object: the pair is skipped with the
+    reason, the others are evaluated."""
+    (tmp_path / "p").mkdir()
+    (tmp_path / "g").mkdir()
+    tifffile.imwrite(tmp_path / "g" / "x.tif", (cells() > 0).astype(np.uint8))
+    tifffile.imwrite(tmp_path / "p" / "x.tif", cells())
+    tifffile.imwrite(tmp_path / "g" / "y.tif", cells())
+    tifffile.imwrite(tmp_path / "p" / "y.tif", (cells() > 0).astype(np.uint8) * 7)
+    tifffile.imwrite(tmp_path / "g" / "z.tif", cells())
+    tifffile.imwrite(tmp_path / "p" / "z.tif", cells())
+    assert main(["evaluate", "--pred", str(tmp_path / "p"), "--gt", str(tmp_path / "g")]) == 0
+    printed = capsys.readouterr().out
+    assert "Evaluated 1 image pair(s); skipped 2 file(s)" in printed
+    assert "ground truth x.tif: all 3 painted regions share the label 1" in printed
+    assert "prediction y.tif: all 3 painted regions share the label 7" in printed
+
+
 def test_pairing_rules(tmp_path):
     assert pairing_key("Img01_cp_masks") == "img01"
     assert pairing_key("img01_labels") == "img01"

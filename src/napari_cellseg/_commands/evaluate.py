@@ -25,6 +25,7 @@ from napari_cellseg.core.metrics import (
     DEFAULT_THRESHOLDS,
     InstanceEvaluation,
     aggregate,
+    check_instance_labels,
     evaluate_instances,
 )
 
@@ -269,6 +270,10 @@ def run(args: argparse.Namespace) -> int:
             problems.append({"file": str(pair.pred), "reason": f"cannot read {pair.name}: {exc}"})
             continue
         try:
+            # a mask or an image given as labels would score as one object, or as thousands
+            for arr, role, path in ((gt, "ground truth", pair.gt), (pred, "prediction", pair.pred)):
+                for plane in (arr if arr.ndim == 3 else [arr]):
+                    check_instance_labels(plane, f"{role} {path.name}")
             ev = evaluate_instances(gt, pred, thresholds, name=pair.name)
         except (ValueError, TypeError) as exc:
             problems.append({"file": str(pair.pred), "reason": str(exc)})

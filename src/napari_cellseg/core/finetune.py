@@ -111,6 +111,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .metrics import check_instance_labels
 from .progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -573,39 +574,6 @@ def _check_labels(labels, name: str) -> np.ndarray:
     return arr
 
 
-def _check_instances(labels: np.ndarray, name: str) -> None:
-    """Refuse a label plane that is not one connected region per cell: every cell painted with the same label
-    (a mask, napari's most common slip), or an image or class map passed as labels.
-
-    The test: the share of labelled pixels in their label's largest 8-connected piece. Real instance labels keep
-    nearly all of them there (a stray pixel or a split stroke costs little); in a mask all cells but one lie
-    outside it.
-    """
-    from skimage.measure import label as connected
-
-    pieces = connected(labels, background=0, connectivity=2)
-    sizes = np.bincount(pieces.ravel())[1:]
-    if sizes.size < 3:
-        return
-    owner = np.zeros(sizes.size, np.int64)
-    owner[pieces[pieces > 0] - 1] = labels[pieces > 0]
-    ids, which = np.unique(owner, return_inverse=True)
-    largest = np.zeros(ids.size, np.int64)
-    np.maximum.at(largest, which.ravel(), sizes)
-    kept = largest.sum() / sizes.sum()
-    if kept >= 0.5:
-        return
-    if ids.size == 1:
-        raise ValueError(
-            f"{name}: all {sizes.size} painted regions share the label {int(ids[0])}, so they would be learnt "
-            "as one cell. Give each cell its own number: in napari, pick a new label (press M) before painting "
-            "each cell, or split a mask of separate cells with skimage.measure.label")
-    raise ValueError(
-        f"{name}: this does not look like an instance label image: its {ids.size} labels lie in {sizes.size} "
-        f"separate pieces, and only {kept:.0%} of the labelled pixels are in their label's largest piece. Each "
-        "cell needs its own number and one connected region (is it the image itself, or a class map?)")
-
-
 def _roi_mask(shape: tuple[int, int], roi, labels: np.ndarray) -> tuple[np.ndarray, str]:
     """Boolean (M, N) of the annotated region and a description of it."""
     if roi is None or (isinstance(roi, str) and roi in ("", "image", "none")):
@@ -733,7 +701,7 @@ def make_training_data(
                     f"{pname}: the labels contain no cells. Paint some cells (each with its own label) "
                     "before fine-tuning"
                 )
-            _check_instances(plab, f"labels of {pname}")
+            check_instance_labels(plab, f"labels of {pname}")
             known, roi_desc = _roi_mask(plab.shape, region, plab)
             known |= plab > 0
             if pdrop is not None:

@@ -89,6 +89,7 @@ __all__ = [
     "average_precision",
     "binary_dice",
     "binary_iou",
+    "check_instance_labels",
     "check_label_image",
     "detection_score",
     "evaluate_instances",
@@ -954,3 +955,37 @@ def binary_iou(mask_a, mask_b) -> float:
     inter = int(np.count_nonzero(a & b))
     union = int(np.count_nonzero(a | b))
     return _ratio(inter, union, union == 0)
+
+
+def check_instance_labels(labels: np.ndarray, name: str) -> None:
+    """Refuse a label plane that is not one connected region per cell: every cell painted with the same label
+    (a mask, napari's most common slip), or an image or class map passed as labels. Fine-tuning would learn such
+    labels as nonsense, and AP against them means nothing (``ValueError``, naming ``name``).
+
+    The test: the share of labelled pixels in their label's largest 8-connected piece. Real instance labels keep
+    nearly all of them there (a stray pixel or a split stroke costs little); in a mask all cells but one lie
+    outside it.
+    """
+    from skimage.measure import label as connected
+
+    pieces = connected(labels, background=0, connectivity=2)
+    sizes = np.bincount(pieces.ravel())[1:]
+    if sizes.size < 3:
+        return
+    owner = np.zeros(sizes.size, np.int64)
+    owner[pieces[pieces > 0] - 1] = labels[pieces > 0]
+    ids, which = np.unique(owner, return_inverse=True)
+    largest = np.zeros(ids.size, np.int64)
+    np.maximum.at(largest, which.ravel(), sizes)
+    kept = largest.sum() / sizes.sum()
+    if kept >= 0.5:
+        return
+    if ids.size == 1:
+        raise ValueError(
+            f"{name}: all {sizes.size} painted regions share the label {int(ids[0])}, so they would be learnt "
+            "as one cell. Give each cell its own number: in napari, pick a new label (press M) before painting "
+            "each cell, or split a mask of separate cells with skimage.measure.label")
+    raise ValueError(
+        f"{name}: this does not look like an instance label image: its {ids.size} labels lie in {sizes.size} "
+        f"separate pieces, and only {kept:.0%} of the labelled pixels are in their label's largest piece. Each "
+        "cell needs its own number and one connected region (is it the image itself, or a class map?)")
