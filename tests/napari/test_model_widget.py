@@ -44,6 +44,35 @@ def test_loading_a_checkpoint_runs_in_a_worker_and_updates_the_session(make_napa
     assert heard == [str(path)]
 
 
+def test_an_adapter_file_from_elsewhere_loads_from_the_path_box(make_napari_viewer, qtbot, tmp_path):
+    """A colleague's adapter (its .safetensors and .json in any folder) is picked like a checkpoint file: it loads
+    as the adapter, with its distance-map output, and the session holds its path."""
+    from conftest import make_cells
+
+    from napari_cellseg.core import finetune as ft
+    from napari_cellseg.core.progress import run_to_completion
+
+    base = tmp_path / "tiny.pth"
+    torch.save(models.build_sam("vit_test").state_dict(), base)
+    image, labels = make_cells(shape=(64, 64), n=4, radius=(5, 8))
+    result = run_to_completion(ft.finetune(models.load_model(str(base), device="cpu"),
+                                           ft.make_training_data(image, labels),
+                                           ft.FinetuneConfig(recipe="distance", epochs=1, minutes=None, views=1)))
+    path = ft.save_adapter(result, "shared-cells", directory=tmp_path / "from-a-colleague")
+    models.clear_model_cache()
+    viewer = make_napari_viewer()
+    widget = ModelSelectionWidget(viewer)
+    widget.model_combo.setCurrentIndex(widget.model_combo.findData(CUSTOM))
+    widget.path_edit.setText(str(path))
+    widget.device_combo.setCurrentText("cpu")
+    widget.load_btn.click()
+    qtbot.waitUntil(lambda: widget.load_btn.isEnabled(), timeout=30000)
+    assert widget.status.text().startswith("loaded: shared-cells.safetensors (vit_test, 64 px) on cpu")
+    session = session_for(viewer)
+    assert session.model_name == str(path)
+    assert models.load_model(session.model_name, device="cpu").meta["output"] == "distance"
+
+
 def test_bfloat16_encoder_choice_reaches_the_session_and_the_other_widgets(make_napari_viewer, qtbot, tmp_path,
                                                                             monkeypatch):
     monkeypatch.delenv(models.PRECISION_ENV, raising=False)
