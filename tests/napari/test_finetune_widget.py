@@ -83,17 +83,23 @@ def test_a_short_run_finishes_saves_and_selects(viewer_with_cells, qtbot):
     assert models.catalogue()["cells-distance"].capabilities == ("distance",)
 
 
+def _train_until_refused(viewer, qtbot, labels_name: str, errors: list) -> FinetuneWidget:
+    """Start a one-epoch run on the labels layer ``labels_name``; wait until it has stopped with an error."""
+    widget = FinetuneWidget(viewer)
+    widget.labels_combo.setCurrentText(labels_name)
+    widget.budget_combo.setCurrentText("epochs")
+    widget.epochs_spin.setValue(1)
+    widget.train_btn.click()
+    qtbot.waitUntil(lambda: widget.train_btn.isEnabled() and bool(errors), timeout=60000)
+    return widget
+
+
 def test_bad_input_shows_an_error_and_reenables(viewer_with_cells, qtbot, monkeypatch):
     viewer, _, _, _ = viewer_with_cells
     errors = []
     monkeypatch.setattr("napari_cellseg._napari.finetune_widget.show_error", errors.append)
     viewer.add_labels(np.zeros((96, 96), np.uint16), name="empty")
-    widget = FinetuneWidget(viewer)
-    widget.labels_combo.setCurrentText("empty")
-    widget.budget_combo.setCurrentText("epochs")
-    widget.epochs_spin.setValue(1)
-    widget.train_btn.click()
-    qtbot.waitUntil(lambda: widget.train_btn.isEnabled() and bool(errors), timeout=60000)
+    widget = _train_until_refused(viewer, qtbot, "empty", errors)
     assert "no cells" in errors[-1]
     assert not (models.cache_dir() / "adapters").exists()
     # a name that exists is refused before anything starts
@@ -111,12 +117,7 @@ def test_cells_painted_with_one_label_are_refused_and_the_layer_is_kept(viewer_w
     monkeypatch.setattr("napari_cellseg._napari.finetune_widget.show_error", errors.append)
     painted = (labels > 0).astype(np.uint16)
     layer = viewer.add_labels(painted.copy(), name="one label")
-    widget = FinetuneWidget(viewer)
-    widget.labels_combo.setCurrentText("one label")
-    widget.budget_combo.setCurrentText("epochs")
-    widget.epochs_spin.setValue(1)
-    widget.train_btn.click()
-    qtbot.waitUntil(lambda: widget.train_btn.isEnabled() and bool(errors), timeout=60000)
+    _train_until_refused(viewer, qtbot, "one label", errors)
     assert "share the label 1" in errors[-1] and "press M" in errors[-1]
     assert not (models.cache_dir() / "adapters").exists()
     np.testing.assert_array_equal(layer.data, painted)
