@@ -46,3 +46,11 @@ def test_widget_modules_import_no_torch():
     names = [m.name for m in pkgutil.iter_modules(pkg.__path__)]
     loaded = _loaded_after("\n".join(f"import napari_cellseg._napari.{n}" for n in names))
     assert "torch" not in loaded, "a widget module imports torch at import time (import it inside functions)"
+
+
+def test_the_catalogue_loads_no_torch_and_no_scipy():
+    """Listing the models (the model widget opening, ``napari-cellseg models``) imports the adapters' module,
+    and with it core.finetune: neither may pull in torch or scipy at import time."""
+    loaded = _loaded_after("from napari_cellseg.core import models; models.catalogue()")
+    assert "napari_cellseg.core.finetune" in loaded
+    assert "torch" not in loaded and "scipy" not in loaded, sorted(m for m in loaded if m in ("torch", "scipy"))

@@ -111,7 +111,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .metrics import check_instance_labels
 from .progress import Progress
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -641,7 +640,8 @@ def make_training_data(
     TypeError
         Float labels with fractions, boolean masks, non-numeric images.
     ValueError
-        Shape mismatches, labels without cells, too few cells.
+        Shape mismatches, labels without cells, too few cells, labels that are not one region per cell
+        (:func:`~napari_cellseg.core.metrics.check_instance_labels`).
 
     Examples
     --------
@@ -650,6 +650,7 @@ def make_training_data(
     >>> len(data), data.n_cells
     (1, 6)
     """
+    from .metrics import check_instance_labels  # here, not at the top: the catalogue imports this module
     from .preprocess import normalize_image
 
     image_list = _as_list(images)
