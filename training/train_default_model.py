@@ -57,12 +57,13 @@ def build_training_data(dsb_limit: int | None = None, keep_selection_out: bool =
     """
     from napari_cellseg.core.finetune import make_training_data
 
-    usiigaci = list(datasets.USIIGACI_TRAIN)
-    dsb = [r for r in datasets.dsb_index() if r["split"] == "train"]
     if keep_selection_out:
         import train_encoder_stage
 
         usiigaci, dsb, _, _ = train_encoder_stage.split_files()
+    else:  # (the DSB index reads every DSB image once: build it once)
+        usiigaci = list(datasets.USIIGACI_TRAIN)
+        dsb = [r for r in datasets.dsb_index() if r["split"] == "train"]
     if dsb_limit is not None:
         dsb = dsb[:: max(1, len(dsb) // dsb_limit)][:dsb_limit]
     images, labels, names = [], [], []

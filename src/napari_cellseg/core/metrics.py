@@ -972,8 +972,9 @@ def check_instance_labels(labels: np.ndarray, name: str) -> None:
     sizes = np.bincount(pieces.ravel())[1:]
     if sizes.size < 3:
         return
-    owner = np.zeros(sizes.size, np.int64)
-    owner[pieces[pieces > 0] - 1] = labels[pieces > 0]
+    owner = np.zeros(sizes.size, np.int64)  # the label of each piece
+    fg = pieces > 0
+    owner[pieces[fg] - 1] = labels[fg]
     ids, which = np.unique(owner, return_inverse=True)
     largest = np.zeros(ids.size, np.int64)
     np.maximum.at(largest, which.ravel(), sizes)
