@@ -1105,8 +1105,9 @@ def _is_fused_lora(module) -> bool:
 def encoder_before_neck(encoder, x):
     """The image encoder's features just before its neck, ``(B, C, G, G)`` (TinyViT or SAM's ViT)."""
     from .tinyvit import TinyViTEncoder
+    from .vit_encoder import ViTEncoder
 
-    if isinstance(encoder, TinyViTEncoder):
+    if isinstance(encoder, (TinyViTEncoder, ViTEncoder)):
         return encoder.features(x)
     h = encoder.patch_embed(x)
     if encoder.pos_embed is not None:

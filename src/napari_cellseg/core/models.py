@@ -51,7 +51,7 @@ DEFAULT_MODEL = "cellseg"
 # ---------------------------------------------------------------------------
 
 #: image-encoder settings of each architecture. ``vit_*``: segment-anything's
-#: ImageEncoderViT; ``tinyvit_*``: :class:`~napari_cellseg.core.tinyvit.TinyViTEncoder`.
+#: ImageEncoderViT (as :class:`~napari_cellseg.core.vit_encoder.ViTEncoder`); ``tinyvit_*``: :class:`~napari_cellseg.core.tinyvit.TinyViTEncoder`.
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "vit_b": dict(kind="vit", img_size=1024, embed_dim=768, depth=12, num_heads=12,
                   global_attn_indexes=(2, 5, 8, 11), prompt_dim=256),
@@ -99,7 +99,7 @@ def build_sam(architecture: str, *, pixel_mean=None, pixel_std=None, **overrides
     (64, 32)
     """
     import torch  # noqa: F401  (segment_anything needs it)
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {sorted(ARCHITECTURES)}")
@@ -109,7 +109,9 @@ def build_sam(architecture: str, *, pixel_mean=None, pixel_std=None, **overrides
     if cfg["kind"] == "vit":
         from functools import partial
 
-        encoder = ImageEncoderViT(
+        from .vit_encoder import ViTEncoder
+
+        encoder = ViTEncoder(
             depth=cfg["depth"], embed_dim=cfg["embed_dim"], img_size=img_size, mlp_ratio=4,
             norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=cfg["num_heads"], patch_size=16,
             qkv_bias=True, use_rel_pos=True, global_attn_indexes=tuple(cfg["global_attn_indexes"]),
