@@ -190,8 +190,8 @@ def test_window_embeddings_cut_the_same_crops_as_crop_by_crop(monkeypatch, tinyv
     # a network whose answer at a pixel depends only on its own 4 x 4 block and the pixel itself: embedding a
     # window and cutting the crops out of it must give every crop exactly what embedding it alone gives
     monkeypatch.setattr(distance_head, "distance_features", lambda sam, x: F.avg_pool2d(x, 4))
-    monkeypatch.setattr(predictor, "distance_logits",
-                        lambda sam, f, px: F.interpolate(f[:, :1], scale_factor=4.0) + 3.0 * (px[:, 1:2] - 0.5))
+    monkeypatch.setattr(predictor, "distance_logits", lambda sam, f, px, image_dtype=None:
+                        F.interpolate(f[:, :1], scale_factor=4.0) + 3.0 * (px[:, 1:2] - 0.5))
     image = np.random.default_rng(3).random((152, 188))
     base = dict(crop_size=64, overlap=8, clahe=False)
     per_crop = auto.run_to_completion(auto.predict_distance_map(
@@ -224,6 +224,34 @@ def test_window_embeddings_call_the_encoder_once_per_window(tinyvit_distance_mod
     # crops resized to the encoder input (here 256 px crops for a 64 px encoder) are embedded one by one
     auto.segment(np.random.default_rng(4).random((300, 280)), tinyvit_distance_model, "distance")
     assert calls["encoder"] == 14 + 4
+
+
+def test_a_bfloat16_model_decodes_the_distance_map_with_bfloat16_image_tokens(tinyvit_distance_model, monkeypatch):
+    import torch
+
+    from napari_cellseg.core.fast_decoder import FastMaskDecoder
+
+    low = tinyvit_distance_model.with_precision("bfloat16")
+    assert auto.distance_decoder_dtype(low) == torch.bfloat16
+    assert auto.distance_decoder_dtype(tinyvit_distance_model) is None  # float32 (tests/conftest.py)
+    seen = []
+    call = FastMaskDecoder.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.image_dtype)
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(FastMaskDecoder, "__call__", spy)
+    image = np.random.default_rng(6).random((150, 170))
+    cfg = auto.DistanceConfig(crop_size=64, overlap=8)
+    followed = auto.segment(image, low, "distance", cfg).distance_map
+    assert seen and set(seen) == {torch.bfloat16}
+    seen.clear()
+    monkeypatch.setattr(auto, "DISTANCE_DECODER_FOLLOWS_PRECISION", False)
+    kept = auto.segment(image, low, "distance", cfg).distance_map
+    assert seen and set(seen) == {None}
+    diff = np.abs(followed - kept)
+    assert 0 < diff.max() < 0.02, diff.max()
 
 
 def test_distance_relabel_on_a_known_map_and_empty_message():

@@ -188,3 +188,27 @@ def test_mask_input_uses_segment_anything(tiny_vit):
     first = p.predict(box=[5, 5, 30, 30])
     refined = p.predict(box=[5, 5, 30, 30], mask_input=first.low_res_logits[0])
     assert refined.masks.shape == (1, 40, 40)
+
+
+@pytest.mark.parametrize("prompt", ["default", "box"])
+def test_bfloat16_image_tokens_stay_close_to_float32(wide_decoder, prompt):
+    """The distance map's decoder of a bfloat16 model: image tokens in bfloat16, close to the float32 answer, the
+    logits float32, and no cached first-layer projections (they would be computed in float32 from bfloat16)."""
+    sam = wide_decoder.sam
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(1, sam.prompt_encoder.embed_dim, *sam.prompt_encoder.image_embedding_size, generator=g)
+    boxes = torch.tensor([[3.0, 4.0, 40.0, 30.0]]) if prompt == "box" else None
+    with torch.inference_mode():
+        sparse, _ = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+    ref, ref_iou = FastMaskDecoder(sam)(feats, sparse)
+    low = FastMaskDecoder(sam, image_dtype=torch.bfloat16)
+    first, iou = low(feats, sparse)
+    again, _ = low(feats, sparse)
+    assert "k1t" not in low._images[id(feats)][1]
+    assert first.dtype == torch.float32 and iou.dtype == torch.float32
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    scale = float(ref.abs().max())
+    err = (first - ref).abs()
+    assert float(err.max()) < 0.05 * scale and float(err.mean()) < 0.005 * scale, (float(err.max()), scale)
+    assert float(err.max()) > 0  # bfloat16 really ran
+    torch.testing.assert_close(iou, ref_iou, rtol=0, atol=0.02)

@@ -546,6 +546,21 @@ def _encoder_input(sam, tensor):
     return (tensor * 255.0 - sam.pixel_mean) / sam.pixel_std
 
 
+#: whether the distance map's decoder keeps its image tokens in bfloat16 for a model running in bfloat16
+#: (:func:`distance_decoder_dtype`); False keeps it in float32 whatever the precision (for comparisons)
+DISTANCE_DECODER_FOLLOWS_PRECISION = True
+
+
+def distance_decoder_dtype(model: LoadedModel):
+    """Arithmetic of the distance map decoder's image tokens for ``model``: bfloat16 when the model runs in
+    bfloat16 (``LoadedModel.precision``) and :data:`DISTANCE_DECODER_FOLLOWS_PRECISION`, else None (float32; see
+    :class:`~napari_cellseg.core.fast_decoder.FastMaskDecoder`)."""
+    import torch
+
+    low = DISTANCE_DECODER_FOLLOWS_PRECISION and getattr(model, "precision", "float32") == "bfloat16"
+    return torch.bfloat16 if low else None
+
+
 def crop_distance_maps(model: LoadedModel, crops01: list[np.ndarray]) -> list[np.ndarray]:
     """Distance maps (sigmoid of the default-prompt logits) of square crops, one encoder call.
 
@@ -575,7 +590,7 @@ def crop_distance_maps(model: LoadedModel, crops01: list[np.ndarray]) -> list[np
     with torch.inference_mode():
         with model.encoder_autocast():  # the encoder and the refiner in the model's precision; the decoder float32
             features = distance_features(sam, _encoder_input(sam, x)).float()
-            logits = distance_logits(sam, features, x).float()
+            logits = distance_logits(sam, features, x, distance_decoder_dtype(model)).float()
         h = logits.shape[-1]
         rows, cols = transform.resized_shape
         crop_shape = tuple(transform.original_shape)
@@ -664,7 +679,7 @@ def window_distance_maps(model: LoadedModel, window01: np.ndarray, offsets: list
             cuts = torch.cat([features[..., r // stride : r // stride + g, c // stride : c // stride + g]
                               for r, c in offsets])
             pixels = torch.cat([x[..., r : r + crop, c : c + crop] for r, c in offsets])
-            logits = distance_logits(sam, cuts.contiguous(), pixels).float()
+            logits = distance_logits(sam, cuts.contiguous(), pixels, distance_decoder_dtype(model)).float()
         if logits.shape[-2:] != (crop, crop):  # pragma: no cover - TinyViT's mask grid is the input grid
             import torch.nn.functional as F
 

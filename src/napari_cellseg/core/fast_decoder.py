@@ -34,7 +34,9 @@ the original), and weights changed in place (training) invalidate its caches.
 
 The outputs equal ``sam.mask_decoder(...)`` up to float rounding (about 1e-5
 on logits; tested against segment-anything's ``SamPredictor`` in
-``tests/core/test_fast_decoder.py``).
+``tests/core/test_fast_decoder.py``). With ``image_dtype=torch.bfloat16``
+(the distance map of a bfloat16 model) they are within bfloat16 rounding of
+those.
 """
 
 from __future__ import annotations
@@ -94,14 +96,27 @@ class FastMaskDecoder:
     max_images : int
         Image embeddings whose prompt-independent work is kept (least recently
         used first out; about 10 MB each for a 64 x 64 x 256 embedding).
+    image_dtype : torch.dtype, optional
+        Arithmetic of the image tokens (default float32). ``torch.bfloat16``
+        keeps them, and the products and the upscaling that read them, in
+        bfloat16 (the matrix kernels accumulate in float32); the prompt tokens,
+        every softmax's sums and the layer norms' statistics stay float32. Used
+        by the distance map's decoder of a bfloat16 model
+        (``automatic.DISTANCE_DECODER_FOLLOWS_PRECISION``); the annotation
+        mode's clicks and boxes keep float32. The first layer's image
+        projections are then never cached (the low-rank form runs every time).
     """
 
-    def __init__(self, sam, max_images: int = 4) -> None:
+    def __init__(self, sam, max_images: int = 4, image_dtype=None) -> None:
+        import torch
+
         why = fast_decoder_unsupported(sam)
         if why is not None:
             raise ValueError(f"the fast decoder cannot run this network: {why}")
         self.sam = sam
         self.max_images = int(max_images)
+        #: dtype of the image tokens when it is not float32, else None
+        self.image_dtype = None if image_dtype in (None, torch.float32) else image_dtype
         self._lock = threading.RLock()
         self._weights_key: tuple | None = None
         self._weights: dict[str, Any] = {}
@@ -150,6 +165,9 @@ class FastMaskDecoder:
             }
             pe = self.sam.prompt_encoder.get_dense_pe().detach()  # (1, C, G, G)
             w["pe_nc"] = pe.reshape(pe.shape[1], -1).t().contiguous()  # (N, C)
+            if self.image_dtype is not None:  # what multiplies or adds to the image tokens, in their dtype
+                for name in ("w1", "b1", "w2", "b2", "ln_w", "ln_b", "pe_nc"):
+                    w[name] = w[name].to(self.image_dtype)
         with self._lock:
             self._weights = w
             self._weights_key = key
@@ -184,7 +202,11 @@ class FastMaskDecoder:
         with torch.inference_mode():
             if state is None:
                 keys0 = (features.reshape(c, n).t() + pe.no_mask_embed.weight.reshape(1, c)).contiguous()
+                if self.image_dtype is not None:
+                    keys0 = keys0.to(self.image_dtype)
                 state = {"keys0": keys0[None], "grid": (g0, g1)}  # (1, N, C)
+            elif self.image_dtype is not None:
+                pass  # no cached projections in a low precision: every prompt runs the low-rank form
             else:
                 keys0 = state["keys0"][0]
                 kpe0 = keys0 + w["pe_nc"]
@@ -244,13 +266,15 @@ class FastMaskDecoder:
         h = attn.num_heads
         b, t, c = q.shape
         if h * t >= attn.internal_dim:  # many prompt tokens: project the image side, as SAM does
-            return attn(q=q, k=kpe, v=keys)
+            return attn(q=q, k=kpe.float(), v=keys.float())
         d = attn.internal_dim // h
         qh = self._heads(attn.q_proj(q), h) * (1.0 / math.sqrt(d))  # (B, H, T, d)
         # (q W_k) x^T: the key bias adds a constant to every score of a row, which softmax cancels
         g = torch.einsum("bhtd,hdc->bhtc", qh, attn.k_proj.weight.view(h, d, c)).reshape(b, h * t, c)
-        a = torch.softmax(torch.bmm(g, kpe.transpose(1, 2)), dim=-1)  # (B, H*T, N)
-        r = torch.bmm(a, keys).view(b, h, t, c)  # rows of a sum to one: W_v (a x) + b_v = a (W_v x + b_v)
+        scores = torch.bmm(g.to(kpe.dtype), kpe.transpose(1, 2))
+        a = torch.softmax(scores, dim=-1, dtype=torch.float32)  # (B, H*T, N)
+        # rows of a sum to one: W_v (a x) + b_v = a (W_v x + b_v)
+        r = torch.bmm(a.to(keys.dtype), keys).float().view(b, h, t, c)
         v = torch.einsum("bhtc,hdc->bhtd", r, attn.v_proj.weight.view(h, d, c)) + attn.v_proj.bias.view(h, 1, d)
         return attn.out_proj(self._merge(v))
 
@@ -261,13 +285,14 @@ class FastMaskDecoder:
         h = attn.num_heads
         b, t, c = v_tok.shape
         d = attn.internal_dim // h
-        a = torch.softmax(scores, dim=2)  # over the T prompt tokens, per head
+        a = torch.softmax(scores, dim=2, dtype=torch.float32).to(keys.dtype)  # over the T prompt tokens, per head
         vh = self._heads(attn.v_proj(v_tok), h)  # (B, H, T, d)
         # out_proj(sum_t a v_t) = sum_t a (W_o,h v_t) + b_o; the H heads' weights each sum to one: b_o / H each
         wo = attn.out_proj.weight.view(c, h, d)
         u = torch.einsum("bhtd,chd->bhtc", vh, wo) + attn.out_proj.bias.view(1, 1, 1, c) / h
         out = self._buf(f"i2t{id(attn)}", keys.shape, keys)
-        return torch.baddbmm(keys, a.view(b, h * t, -1).transpose(1, 2), u.reshape(b, h * t, c), out=out)
+        return torch.baddbmm(keys, a.view(b, h * t, -1).transpose(1, 2), u.reshape(b, h * t, c).to(keys.dtype),
+                             out=out)
 
     def _image_to_token_scores_cached(self, attn, k_tok, state):
         import torch
@@ -285,10 +310,11 @@ class FastMaskDecoder:
         kh = self._heads(attn.k_proj(k_tok), h) * (1.0 / math.sqrt(d))  # (B, H, T, d)
         m = torch.einsum("bhtd,hdc->bhtc", kh, attn.q_proj.weight.view(h, d, c)).reshape(b, h * t, c)
         bias = torch.einsum("bhtd,hd->bht", kh, attn.q_proj.bias.view(h, d)).reshape(b, h * t, 1)
-        return torch.baddbmm(bias, m, kpe.transpose(1, 2)).view(b, h, t, -1)
+        dt = kpe.dtype
+        return torch.baddbmm(bias.to(dt), m.to(dt), kpe.transpose(1, 2)).view(b, h, t, -1)
 
     def _image_to_token_direct(self, attn, k_tok, v_tok, kpe, keys):
-        return keys + attn(q=kpe, k=k_tok, v=v_tok)
+        return keys + attn(q=kpe.float(), k=k_tok, v=v_tok).to(keys.dtype)
 
     # -- forward ---------------------------------------------------------------------
 
@@ -360,7 +386,7 @@ class FastMaskDecoder:
         y = torch.addmm(w["b2"], y, w["w2"], out=self._buf("up2", (b * n * 4, 4 * o2), y))
         y = torch.ops.aten.gelu_(y).view(b, n * 16, o2)
         k = hyper.shape[1]
-        m = torch.bmm(y, hyper.transpose(1, 2))  # (B, N*16, K)
+        m = torch.bmm(y, hyper.to(y.dtype).transpose(1, 2)).float()  # (B, N*16, K)
         # pixel (4i + 2di + di2, 4j + 2dj + dj2) is at [i, j, di, dj, di2, dj2]
         m = m.view(b, g0, g1, 2, 2, 2, 2, k).permute(0, 7, 1, 3, 5, 2, 4, 6)
         return m.reshape(b, k, 4 * g0, 4 * g1)

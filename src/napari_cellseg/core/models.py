@@ -709,8 +709,9 @@ class LoadedModel:
         on recent GPUs; slower on CPUs without it); the embedding and the
         distance map are returned as float32. The grid and guided modes'
         batch prompt decoder then keeps its per-prompt image tokens in
-        bfloat16 (``automatic.prompt_dtype``); the other mask decoders (the
-        distance map's, clicks, boxes) stay float32. See :func:`load_model`.
+        bfloat16 (``automatic.prompt_dtype``), and so does the distance map's
+        decoder (``automatic.distance_decoder_dtype``); the annotation mode's
+        decoder (clicks, boxes) stays float32. See :func:`load_model`.
     """
 
     name: str

@@ -409,9 +409,10 @@ def _without_autocast(device_type: str):
     return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
 
 
-def _fast_default_decoder(sam, decoder):
-    """A :class:`~napari_cellseg.core.fast_decoder.FastMaskDecoder` over ``decoder`` (kept per decoder), or None
-    where it cannot run it (checked on every call: LoRA wrapped in during fine-tuning makes it unsupported)."""
+def _fast_default_decoder(sam, decoder, image_dtype=None):
+    """A :class:`~napari_cellseg.core.fast_decoder.FastMaskDecoder` over ``decoder`` (kept per decoder and image
+    dtype), or None where it cannot run it (checked on every call: LoRA wrapped in during fine-tuning makes it
+    unsupported)."""
     import weakref
     from types import SimpleNamespace
 
@@ -420,24 +421,26 @@ def _fast_default_decoder(sam, decoder):
     view = SimpleNamespace(mask_decoder=decoder, prompt_encoder=sam.prompt_encoder)
     if fast_decoder_unsupported(view) is not None:
         return None
-    hit = _FAST_DEFAULT.get(id(decoder))
+    key = (id(decoder), str(image_dtype))
+    hit = _FAST_DEFAULT.get(key)
     if hit is not None and hit[0]() is decoder and hit[1].sam.prompt_encoder is sam.prompt_encoder:
         return hit[1]
     if len(_FAST_DEFAULT) >= 4:  # models come and go: keep a few
         _FAST_DEFAULT.clear()
-    fast = FastMaskDecoder(view, max_images=1)
-    _FAST_DEFAULT[id(decoder)] = (weakref.ref(decoder), fast)
+    fast = FastMaskDecoder(view, max_images=1, image_dtype=image_dtype)
+    _FAST_DEFAULT[key] = (weakref.ref(decoder), fast)
     return fast
 
 
-def default_prompt_logits(sam, features):
+def default_prompt_logits(sam, features, image_dtype=None):
     """Decode SAM's default (empty) prompt on image features: ``(B, 1, h, w)`` logits.
 
     This is the forward pass of the distance-map models (SAMCell recipe): the
     mask decoder, given no point, box or mask, regresses a map over the whole
     window. Gradients flow (used by fine-tuning as well as inference); where
     none are recorded, the factored :class:`~napari_cellseg.core.fast_decoder.FastMaskDecoder`
-    computes the same logits in float32. A model with its own distance decoder
+    computes the same logits in float32, or with its image tokens in ``image_dtype`` (bfloat16 for a model
+    running in bfloat16, ``automatic.distance_decoder_dtype``). A model with its own distance decoder
     (:mod:`~napari_cellseg.core.distance_head`) answers with that one.
 
     Parameters
@@ -451,10 +454,11 @@ def default_prompt_logits(sam, features):
 
     decoder = distance_decoder_of(sam)
     batch = features.shape[0]
-    fast = None if torch.is_grad_enabled() else _fast_default_decoder(sam, decoder)
+    fast = None if torch.is_grad_enabled() else _fast_default_decoder(sam, decoder, image_dtype)
     if fast is not None:
         # inference: the factored decoder, one mask token upscaled instead of four (2.8x faster on a CPU), in
-        # float32 whatever autocast is in force, so the map is the stock decoder's to float32 rounding
+        # float32 whatever autocast is in force (the image tokens in image_dtype where asked), so in float32 the
+        # map is the stock decoder's to float32 rounding
         with _without_autocast(features.device.type):
             sparse, _ = sam.prompt_encoder(points=None, boxes=None, masks=None)
             feats = features.float()
@@ -471,7 +475,7 @@ def default_prompt_logits(sam, features):
     return torch.cat(outs, dim=0)
 
 
-def distance_logits(sam, features, image01):
+def distance_logits(sam, features, image01, image_dtype=None):
     """Distance-map logits of crops: the default prompt's, refined when the model has a refiner.
 
     Parameters
@@ -482,6 +486,8 @@ def distance_logits(sam, features, image01):
     image01 : torch.Tensor, shape (B, 3, S, S)
         The crops in [0, 1] as the encoder saw them (before its normalisation);
         resized to the logits' grid for the refiner. Unused without a refiner.
+    image_dtype : torch.dtype, optional
+        Arithmetic of the decoder's image tokens (:func:`default_prompt_logits`).
 
     Returns
     -------
@@ -492,7 +498,7 @@ def distance_logits(sam, features, image01):
 
     from .distance_head import get_refiner
 
-    logits = default_prompt_logits(sam, features)
+    logits = default_prompt_logits(sam, features, image_dtype)
     refiner = get_refiner(sam)
     if refiner is None:
         return logits
