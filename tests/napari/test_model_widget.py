@@ -26,6 +26,22 @@ def test_widget_lists_catalogue_and_marks_downloads(make_napari_viewer):
     assert widget.chosen_name() == models.DEFAULT_MODEL == "cellseg"
 
 
+def test_browse_offers_adapter_files_and_fills_the_path_box(make_napari_viewer, monkeypatch, tmp_path):
+    from napari_cellseg._napari import model_widget
+
+    asked = {}
+
+    def fake_dialog(parent, caption, folder, filters):
+        asked["filters"] = filters
+        return str(tmp_path / "mine.json"), filters
+
+    monkeypatch.setattr(model_widget.QFileDialog, "getOpenFileName", staticmethod(fake_dialog))
+    widget = ModelSelectionWidget(make_napari_viewer())
+    widget._browse()
+    assert "*.json" in asked["filters"] and "*.safetensors" in asked["filters"] and "*.pth" in asked["filters"]
+    assert widget.path_edit.text() == str(tmp_path / "mine.json")
+
+
 def test_loading_a_checkpoint_runs_in_a_worker_and_updates_the_session(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
     widget = ModelSelectionWidget(viewer)

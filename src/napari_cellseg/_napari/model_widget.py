@@ -142,8 +142,10 @@ class ModelSelectionWidget(QWidget):
             self.refresh()
 
     def _browse(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Choose a checkpoint", "",
-                                              "Checkpoints (*.pth *.pt *.safetensors *.ckpt *.bin)")
+        # an adapter is a .safetensors file beside its .json: either file loads it
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a checkpoint or an adapter", "",
+                                              "Checkpoints and adapters (*.pth *.pt *.safetensors *.ckpt *.bin "
+                                              "*.json)")
         if path:
             self.path_edit.setText(path)
 
