@@ -47,24 +47,35 @@ def test_the_built_size_is_unchanged_and_odd_sizes_run():
         assert enc.features(torch.randn(1, 3, 70, 66)).shape == (1, 32, 18, 17)
 
 
-@pytest.mark.parametrize("shape", [(64, 64), (150, 94)])
-def test_the_cpu_inference_paths_compute_the_plain_network(monkeypatch, shape):
+@pytest.mark.parametrize("shape, window, score_bytes", [((64, 64), 7, None), ((150, 94), 7, None),
+                                                          ((150, 94), 7, 1), ((128, 128), 14, None)])
+def test_the_cpu_inference_paths_compute_the_plain_network(monkeypatch, shape, window, score_bytes):
     from napari_cellseg.core import tinyvit
 
-    enc = _encoder(window=7)
+    if score_bytes is not None:  # one window per chunk of the explicit attention
+        monkeypatch.setattr(tinyvit, "WINDOW_SCORE_BYTES", score_bytes)
+    enc = _encoder(window=window)
     x = torch.randn(1, 3, *shape)
+    chunks = []
+    chunk_of = tinyvit._window_chunk
+    monkeypatch.setattr(tinyvit, "_window_chunk", lambda q, n, heads: chunks.append(chunk_of(q, n, heads))
+                        or chunks[-1])
     with torch.inference_mode():
         fast = enc(x)
+        if window == 14:
+            assert not chunks  # float32 14 x 14 windows: the fused kernel
+        else:
+            assert (min(chunks) == 1) == (score_bytes == 1)
         with tinyvit.plain_operators():
             plain = enc(x)
         assert tinyvit.FUSE_ON_CPU and tinyvit.ATTENTION == "auto" and tinyvit.BAND_BYTES  # restored
     torch.testing.assert_close(fast, plain, rtol=0, atol=2e-5 * float(plain.abs().max()))
-    if tinyvit._fused_ops_work():  # the fused operators and the fused attention were really used
+    if tinyvit._fused_ops_work():  # the fused operators and, on float32 14 x 14 windows, the fused attention
         with torch.inference_mode(), torch.profiler.profile() as prof:
             enc(x)
         names = {e.name for e in prof.events()}
         assert {"mkldnn::_convolution_pointwise", "mkldnn::_linear_pointwise"} <= names
-        assert "aten::scaled_dot_product_attention" in names
+        assert ("aten::scaled_dot_product_attention" in names) == (window == 14)
 
 
 def test_stage0_in_bands_equals_the_whole_map(monkeypatch):

@@ -99,15 +99,31 @@ BAND_BYTES = 16 * 2**20
 ATTENTION = "auto"
 
 
+#: Bytes of attention scores the explicit form computes at a time in CPU inference (a chunk of windows; 0: all
+#: windows at once). Stage 1's 7 x 7 windows of a 704 px window hold 50 MB of bfloat16 scores; in chunks of
+#: about this size the product, the softmax and the second product run from the CPU's cache.
+WINDOW_SCORE_BYTES = 2 * 2**20
+
+
 def _fused_attention(q: torch.Tensor, n: int) -> bool:
     """Whether a window attention over ``n`` tokens runs as one fused kernel."""
     if ATTENTION != "auto":
         return ATTENTION == "always"
     if q.device.type != "cpu" or torch.is_grad_enabled():
         return False  # GPUs and training keep the explicit form they were measured and trained with
-    # measured on a 2-core AVX-512 CPU, torch 2.14: the fused kernel is 1.7-3.7x faster in float32 and on
-    # 14 x 14 windows in bfloat16, but 1.2-1.5x slower on bfloat16 7 x 7 windows
-    return q.dtype != torch.bfloat16 or n > 64  # q: the qkv layer's output, bfloat16 under bfloat16 autocast
+    # measured on a 2-core AVX-512 CPU, torch 2.14 (2026-12-02): the explicit form in cache-sized chunks of
+    # windows beats the fused kernel everywhere but on float32 14 x 14 windows (58 against 80 ms per stage-2
+    # block of a 704 px window); bfloat16 14 x 14: 36 against 54 ms; 7 x 7: 1.3-1.5x in both precisions
+    return q.dtype != torch.bfloat16 and n > 64  # q: the qkv layer's output, bfloat16 under bfloat16 autocast
+
+
+def _window_chunk(q: torch.Tensor, n: int, heads: int) -> int:
+    """Windows per chunk of the explicit attention (:data:`WINDOW_SCORE_BYTES`); all of them where no gradient
+    is recorded only on a CPU (training and GPUs keep one call)."""
+    b = q.shape[0]
+    if not WINDOW_SCORE_BYTES or ATTENTION == "never" or q.device.type != "cpu" or torch.is_grad_enabled():
+        return b
+    return max(1, min(b, WINDOW_SCORE_BYTES // (heads * n * n * q.element_size())))
 
 
 @contextlib.contextmanager
@@ -267,10 +283,25 @@ class WindowAttention(nn.Module):
             # one fused kernel; the bias broadcasts over the windows, so it is never copied per window
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None], scale=self.scale)
         else:
-            scores = torch.baddbmm(bias.expand(b, -1, -1, -1).reshape(-1, n, n),
-                                   q.reshape(-1, n, d), k.reshape(-1, n, d).transpose(1, 2), alpha=self.scale)
-            out = torch.bmm(scores.softmax(dim=-1), v.reshape(-1, n, d)).view(b, self.num_heads, n, d)
+            chunk = _window_chunk(q, n, self.num_heads)
+            if chunk >= b:
+                out = self._explicit(q, k, v, bias)
+            else:  # chunks of windows whose scores stay in the CPU's cache
+                out = torch.empty(b, self.num_heads, n, d, dtype=q.dtype)
+                for i in range(0, b, chunk):
+                    self._explicit(q[i : i + chunk], k[i : i + chunk], v[i : i + chunk], bias, out=out[i : i + chunk])
         return _linear(self.proj, out.transpose(1, 2).reshape(b, n, -1))
+
+    def _explicit(self, q, k, v, bias, out=None):
+        """softmax(q k^T * scale + bias) v of windows ``(b, heads, n, d)`` (into ``out`` when given)."""
+        b, heads, n, d = q.shape
+        scores = torch.baddbmm(bias.expand(b, -1, -1, -1).reshape(-1, n, n),
+                               q.reshape(-1, n, d), k.reshape(-1, n, d).transpose(1, 2), alpha=self.scale)
+        weights = scores.softmax(dim=-1)
+        if out is None:
+            return torch.bmm(weights, v.reshape(-1, n, d)).view(b, heads, n, d)
+        torch.bmm(weights, v.reshape(-1, n, d), out=out.view(-1, n, d))
+        return out
 
 
 class Mlp(nn.Module):
