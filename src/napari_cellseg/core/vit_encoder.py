@@ -17,8 +17,9 @@ each block computes the same function with less memory traffic:
   linear layers' oneDNN kernels, and the query/key/value and output projections skip the copy of
   their bias into the output (``tinyvit._linear``).
 
-Anywhere else (training, GPUs, a layer wrapped by an adapter or a non-GELU MLP) the blocks run as
-segment-anything wrote them. ``tests/core/test_vit_encoder.py`` compares both paths.
+Training, GPUs and ``plain_operators()`` run segment-anything's blocks; inside the CPU path a layer
+wrapped by an adapter runs as it is, and an MLP without an exact GELU as written.
+``tests/core/test_vit_encoder.py`` compares both paths.
 """
 
 from __future__ import annotations
@@ -57,25 +58,18 @@ def _attention(attn, x: torch.Tensor) -> torch.Tensor:
     v = v.contiguous()
     row_bytes = bh * w * n * q.element_size()
     rows = h if not SCORE_BYTES else max(1, min(h, SCORE_BYTES // row_bytes))
-    if rows == h:
-        scores = torch.bmm(q, kt)
+    out = torch.empty(bh, n, d, dtype=q.dtype)
+    scores_buf = torch.empty(bh, rows * w, n, dtype=q.dtype)
+    weights_buf = torch.empty_like(scores_buf)
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        span = slice(r0 * w, r1 * w)
+        scores = torch.bmm(q[:, span], kt, out=scores_buf[:, : (r1 - r0) * w])
         if attn.use_rel_pos:
-            grid = scores.view(bh, h, w, h, w)
-            grid.add_(rel_h[:, :, :, :, None]).add_(rel_w[:, :, :, None, :])
-        out = torch.bmm(scores.softmax(dim=-1), v)
-    else:
-        out = torch.empty(bh, n, d, dtype=q.dtype)
-        scores_buf = torch.empty(bh, rows * w, n, dtype=q.dtype)
-        weights_buf = torch.empty_like(scores_buf)
-        for r0 in range(0, h, rows):
-            r1 = min(h, r0 + rows)
-            span = slice(r0 * w, r1 * w)
-            scores = torch.bmm(q[:, span], kt, out=scores_buf[:, : (r1 - r0) * w])
-            if attn.use_rel_pos:
-                grid = scores.view(bh, r1 - r0, w, h, w)
-                grid.add_(rel_h[:, r0:r1, :, :, None]).add_(rel_w[:, r0:r1, :, None, :])
-            weights = torch.softmax(scores, dim=-1, out=weights_buf[:, : (r1 - r0) * w])
-            torch.bmm(weights, v, out=out[:, span])
+            grid = scores.view(bh, r1 - r0, w, h, w)
+            grid.add_(rel_h[:, r0:r1, :, :, None]).add_(rel_w[:, r0:r1, :, None, :])
+        weights = torch.softmax(scores, dim=-1, out=weights_buf[:, : (r1 - r0) * w])
+        torch.bmm(weights, v, out=out[:, span])
     out = out.view(b, heads, h, w, d).permute(0, 2, 3, 1, 4).reshape(b, n, c)
     return _linear(attn.proj, out).view(b, h, w, c)
 
