@@ -97,7 +97,7 @@ def _refiner_class():
                 The image embedding the logits came from.
             """
             # inference on a CPU: channels-last maps and weights, oneDNN's fast layout for these narrow
-            # convolutions (1.9x in bfloat16); training and GPUs run the layers as they are
+            # convolutions (1.7x in bfloat16); training and GPUs run the layers as they are
             fast = logits.device.type == "cpu" and not torch.is_grad_enabled()
             run = (lambda layers, t: _run_channels_last(layers, t)) if fast else (lambda layers, t: layers(t))
             x = torch.cat([image01 - 0.5, torch.tanh(logits / 4.0)], dim=1)

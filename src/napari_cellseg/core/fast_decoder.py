@@ -205,9 +205,7 @@ class FastMaskDecoder:
                 if self.image_dtype is not None:
                     keys0 = keys0.to(self.image_dtype)
                 state = {"keys0": keys0[None], "grid": (g0, g1)}  # (1, N, C)
-            elif self.image_dtype is not None:
-                pass  # no cached projections in a low precision: every prompt runs the low-rank form
-            else:
+            elif self.image_dtype is None:  # a later prompt (in a low precision every prompt runs the low-rank form)
                 keys0 = state["keys0"][0]
                 kpe0 = keys0 + w["pe_nc"]
                 first = tr.layers[0]
