@@ -118,8 +118,8 @@ def _fused_attention(q: torch.Tensor, n: int) -> bool:
 
 
 def _window_chunk(q: torch.Tensor, n: int, heads: int) -> int:
-    """Windows per chunk of the explicit attention (:data:`WINDOW_SCORE_BYTES`); all of them where no gradient
-    is recorded only on a CPU (training and GPUs keep one call)."""
+    """Windows per chunk of the explicit attention: :data:`WINDOW_SCORE_BYTES` of scores in CPU inference; all of
+    them in training, on GPUs and under :func:`plain_operators` (one call, as written)."""
     b = q.shape[0]
     if not WINDOW_SCORE_BYTES or ATTENTION == "never" or q.device.type != "cpu" or torch.is_grad_enabled():
         return b
