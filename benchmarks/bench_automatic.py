@@ -28,6 +28,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -80,6 +81,18 @@ def _ap50(gt, pred) -> tuple[float, int, int, int]:
         tp = int((iou[r, c] >= 0.5).sum())
         fp, fn = len(p_ids) - tp, len(g_ids) - tp
         return tp / max(tp + fp + fn, 1), tp, fp, fn
+
+
+@contextlib.contextmanager
+def default_malloc():
+    """glibc's malloc left at its defaults (``core.cpu_memory`` off): large freed tensors go back to the system."""
+    from napari_cellseg.core import cpu_memory
+
+    cpu_memory.ENABLED = False
+    try:
+        yield
+    finally:
+        cpu_memory.ENABLED = True
 
 
 def _timed(fn, *args, **kwargs):
@@ -192,6 +205,8 @@ def part_grid(args) -> dict:
     rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # no slider below the run's probability: masks drawn only for answers above 0.8
     high, ours_high = _timed(auto.segment, image, model, "grid", cfg.updated(probability_floor=cfg.probability))
+    with default_malloc():  # freed tensors returned to the system (core.cpu_memory off)
+        _, ours_malloc_off = _timed(auto.segment, image, model, "grid", cfg)
     # the same run with the batch prompt decoder in float32 whatever the precision (the setting before 2026-12-01)
     auto.PROMPTS_FOLLOW_PRECISION = False
     try:
@@ -215,7 +230,7 @@ def part_grid(args) -> dict:
     labels_relaxed = result.relabel(probability=0.5, stability=0.3, nms_iou=0.05)
     relaxed_f32 = result_f32.relabel(probability=0.5, stability=0.3, nms_iou=0.05)
     return dict(
-        precision=model.precision, prompts_float32_s=ours_f32, candidates_prompts_float32=len(result_f32.candidates),
+        precision=model.precision, prompts_float32_s=ours_f32, ours_malloc_off_s=ours_malloc_off, candidates_prompts_float32=len(result_f32.candidates),
         relaxed_agreement_ap50=_ap50(relaxed_f32, labels_relaxed)[0] if relaxed_f32.max() else None,
         image=f"{BENCH_IMAGE} {image.shape[0]} x {image.shape[1]}", prompts=prompts, stock_prompts=stock_points ** 2,
         threads=torch.get_num_threads(), ours_s=ours, ours_cpu_s=ours_cpu, ours_floor08_s=ours_high,
@@ -308,6 +323,9 @@ def part_distance(args) -> dict:
         _, out["default_s"] = _timed(auto.segment, image, fast, "distance", cfg)
         _, out["default_by_crop_s"] = _timed(auto.segment, image, fast, "distance", cfg.updated(embed_window=0))
         out["default_precision"] = default
+        with default_malloc():  # freed tensors returned to the system (page faults on every window)
+            _, out["default_malloc_off_s"] = _timed(auto.segment, image, fast, "distance", cfg)
+        _, out["default_again_s"] = _timed(auto.segment, image, fast, "distance", cfg)  # after it, for the ratio
         with plain_operators():  # the encoder's CPU inference paths off: fused post-ops, attention kernel, bands
             _, out["default_plain_s"] = _timed(auto.segment, image, fast, "distance", cfg)
     with plain_operators():
@@ -433,6 +451,10 @@ def render(results: dict, command: str) -> str:
                 f"| the first row with the batch prompt decoder in float32 (encoder {g['precision']}; "
                 f"{g['candidates_prompts_float32']} masks drawn{agree}) | {g['prompts_float32_s']:.1f} s | "
                 f"| {g['prompts_float32_s'] / g['stock_same_grid_s']:.3f} | |")
+        if "ours_malloc_off_s" in g:
+            lines.append(
+                f"| the first row with glibc's malloc at its defaults (`core.cpu_memory` off) "
+                f"| {g['ours_malloc_off_s']:.1f} s | | {g['ours_s'] / g['ours_malloc_off_s']:.2f} (on to off) | |")
         if stock_grid_side == grid:
             lines.append(
                 f"| the first row in CPU time of the process (less sensitive to other jobs) | {g['ours_cpu_s']:.1f} s "
@@ -469,6 +491,12 @@ def render(results: dict, command: str) -> str:
             lines.append(f"| the same in this CPU's default precision ({d['default_precision']}): windows / one crop "
                          f"at a time | {d['default_s']:.1f} s / {d['default_by_crop_s']:.1f} s | | "
                          f"{d['default_s'] / d['default_by_crop_s']:.2f} (windows to crops) | |")
+        if "default_malloc_off_s" in d:
+            best = min(d["default_s"], d["default_again_s"])
+            lines.append(f"| the same, {d['default_precision']}, windows, glibc's malloc at its defaults "
+                         f"(`core.cpu_memory` off: freed tensors go back to the system) / on again "
+                         f"| {d['default_malloc_off_s']:.1f} s / {d['default_again_s']:.1f} s | "
+                         f"| {best / d['default_malloc_off_s']:.2f} (on, best of two, to off) | |")
         if "default_plain_s" in d:
             lines.append(f"| the same, {d['default_precision']}, windows, CPU inference paths off | "
                          f"{d['default_plain_s']:.1f} s | | {d['default_s'] / d['default_plain_s']:.2f} (on to off) | |")

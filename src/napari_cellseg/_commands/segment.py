@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from napari_cellseg.cli import UserError
     from napari_cellseg.core import automatic as auto
     from napari_cellseg.core import models
+    from napari_cellseg.core.cpu_memory import reuse_freed_memory
     from napari_cellseg.core.io import load_sample, read_image, write_labels
     from napari_cellseg.core.progress import TerminalProgress, run_to_completion
 
@@ -176,43 +177,44 @@ def run(args: argparse.Namespace) -> int:
     used: set[Path] = set()
     ok = 0
     failed = len(problems)
-    for i, (name, path) in enumerate(jobs, start=1):
-        try:
-            if path is None:
-                image = load_sample(args.sample).image
-                target = _output_path(out_dir, Path(args.sample), used)
-            else:
-                image = read_image(path)
-                target = _output_path(out_dir, path, used)
-            planes, lead = planes_of(image, args.channel)
-            labels = []
-            messages = []
-            for p, plane in enumerate(planes):
-                label = f"[{i}/{len(jobs)}] {Path(name).name}"
-                if len(planes) > 1:
-                    label += f" plane {p + 1}/{len(planes)}"
-                bar = TerminalProgress(label)
-                try:
-                    result = run_to_completion(
-                        auto.segment_steps(plane, model, mode, config, prompt_model=prompt_model,
-                                           channel=args.channel), bar)
-                finally:
-                    bar.close()
-                labels.append(result.labels)
-                if result.message:
-                    messages.append(result.message if len(planes) == 1 else f"plane {p + 1}: {result.message}")
-            stack = np.stack(labels).reshape(tuple(lead) + labels[0].shape)
-            write_labels(target, stack)
-        except (ValueError, TypeError, OSError) as exc:
-            failed += 1
-            print(f"skipped {name}: {exc}", file=sys.stderr)
-            continue
-        ok += 1
-        cells = sum(int(lab.max()) for lab in labels)
-        where = f" in {len(labels)} planes" if len(labels) > 1 else ""
-        print(f"{name}: {cells} cells{where} -> {target}")
-        for message in messages[:3]:
-            print(f"  {message}", file=sys.stderr)
+    with reuse_freed_memory(model.device):  # one setting for the whole batch (see core.cpu_memory)
+        for i, (name, path) in enumerate(jobs, start=1):
+            try:
+                if path is None:
+                    image = load_sample(args.sample).image
+                    target = _output_path(out_dir, Path(args.sample), used)
+                else:
+                    image = read_image(path)
+                    target = _output_path(out_dir, path, used)
+                planes, lead = planes_of(image, args.channel)
+                labels = []
+                messages = []
+                for p, plane in enumerate(planes):
+                    label = f"[{i}/{len(jobs)}] {Path(name).name}"
+                    if len(planes) > 1:
+                        label += f" plane {p + 1}/{len(planes)}"
+                    bar = TerminalProgress(label)
+                    try:
+                        result = run_to_completion(
+                            auto.segment_steps(plane, model, mode, config, prompt_model=prompt_model,
+                                               channel=args.channel), bar)
+                    finally:
+                        bar.close()
+                    labels.append(result.labels)
+                    if result.message:
+                        messages.append(result.message if len(planes) == 1 else f"plane {p + 1}: {result.message}")
+                stack = np.stack(labels).reshape(tuple(lead) + labels[0].shape)
+                write_labels(target, stack)
+            except (ValueError, TypeError, OSError) as exc:
+                failed += 1
+                print(f"skipped {name}: {exc}", file=sys.stderr)
+                continue
+            ok += 1
+            cells = sum(int(lab.max()) for lab in labels)
+            where = f" in {len(labels)} planes" if len(labels) > 1 else ""
+            print(f"{name}: {cells} cells{where} -> {target}")
+            for message in messages[:3]:
+                print(f"  {message}", file=sys.stderr)
     if failed:
         print(f"{ok} segmented, {failed} skipped", file=sys.stderr)
     return 0 if ok else 2

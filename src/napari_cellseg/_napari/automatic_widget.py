@@ -38,6 +38,7 @@ from qtpy.QtWidgets import (
 
 from napari_cellseg._napari.session import session_for
 from napari_cellseg.core import automatic as auto
+from napari_cellseg.core.cpu_memory import reuse_freed_memory
 from napari_cellseg.core.preprocess import VIEW_COUNTS
 from napari_cellseg.core.progress import Progress
 
@@ -71,17 +72,18 @@ def _segment_planes(loader, planes, mode, settings, model_thresholds_first):
     config = auto.make_config(mode, model, **settings)
     results = []
     n = len(planes)
-    for i, plane in enumerate(planes):
-        gen = auto.segment_steps(plane, model, mode, config, prompt_model=prompt_model)
-        while True:
-            try:
-                rec = next(gen)
-            except StopIteration as stop:
-                results.append(stop.value)
-                break
-            frac = (i + rec.fraction) / n
-            prefix = f"plane {i + 1}/{n}: " if n > 1 else ""
-            yield Progress(int(frac * 1000), 1000, prefix + rec.message)
+    with reuse_freed_memory(model.device):  # one setting for the whole stack (see core.cpu_memory)
+        for i, plane in enumerate(planes):
+            gen = auto.segment_steps(plane, model, mode, config, prompt_model=prompt_model)
+            while True:
+                try:
+                    rec = next(gen)
+                except StopIteration as stop:
+                    results.append(stop.value)
+                    break
+                frac = (i + rec.fraction) / n
+                prefix = f"plane {i + 1}/{n}: " if n > 1 else ""
+                yield Progress(int(frac * 1000), 1000, prefix + rec.message)
     return results, model.describe()
 
 

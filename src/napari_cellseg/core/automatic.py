@@ -1631,14 +1631,17 @@ def segment_steps(
     channel: int | None = None,
 ) -> Generator[Progress, None, AutomaticResult]:
     """Any mode as a generator (for workers): ``mode`` None picks :func:`default_mode`."""
+    from .cpu_memory import reuse_freed_memory
+
     mode = mode or default_mode(model)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
-    if mode == "distance":
-        return (yield from distance_segmentation(image, model, config, channel))
-    if mode == "grid":
-        return (yield from grid_segmentation(image, model, config, channel))
-    return (yield from guided_segmentation(image, model, prompt_model, config, channel))
+    with reuse_freed_memory(model.device):  # on a CPU: freed tensors stay mapped for the next window's
+        if mode == "distance":
+            return (yield from distance_segmentation(image, model, config, channel))
+        if mode == "grid":
+            return (yield from grid_segmentation(image, model, config, channel))
+        return (yield from guided_segmentation(image, model, prompt_model, config, channel))
 
 
 def segment(

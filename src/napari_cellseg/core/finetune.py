@@ -2067,8 +2067,13 @@ class Finetuner:
 
     def run(self) -> Generator[Progress, None, FinetuneResult]:
         """Train; yields :class:`Progress` (``data``: loss, lr, epoch, val_ap) and returns a :class:`FinetuneResult`."""
+        from .cpu_memory import reuse_freed_memory
+        from .models import resolve_device
+
         try:
-            return (yield from self._run())
+            # on a CPU, freed tensors stay mapped for the next step's (1.3x per step, see core.cpu_memory)
+            with reuse_freed_memory(resolve_device(self.config.device)):
+                return (yield from self._run())
         except MemoryError as exc:
             raise FinetuneMemoryError(_oom_message(self.config)) from exc
         except RuntimeError as exc:
