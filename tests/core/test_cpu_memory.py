@@ -121,3 +121,16 @@ def test_segmentation_runs_inside_the_block(monkeypatch):
     auto.segment(image, model, "distance", auto.DistanceConfig(crop_size=64, overlap=8))
     assert seen == [cpu_memory.available()]
     assert not cpu_memory.active()
+
+
+def test_embedding_runs_inside_the_block():
+    """An embedding (the annotation mode's clicks) holds the setting while its encoder runs, and only then."""
+    from napari_cellseg.core.models import random_model
+    from napari_cellseg.core.predictor import Predictor
+
+    model = random_model("tinyvit_test", device="cpu")
+    seen = []
+    model.sam.image_encoder.register_forward_hook(lambda *_: seen.append(cpu_memory.active()))
+    Predictor(model).embed(np.random.default_rng(0).random((50, 60, 3)).astype(np.float32))
+    assert seen == [cpu_memory.available()]
+    assert not cpu_memory.active()

@@ -129,10 +129,13 @@ class Predictor:
         """Run the image encoder on a normalised ``(M, N, 3)`` float image in [0, 1]."""
         import torch
 
+        from .cpu_memory import reuse_freed_memory
+
         sam = self.model.sam
         tensor, transform = resize_to_model(image01, self.model.input_size)
         tensor = tensor.to(self.model.device)
-        with torch.inference_mode():
+        # on a CPU, blocks freed by one encoder stage serve the next (LiteMedSAM: 5-8% per embedding)
+        with torch.inference_mode(), reuse_freed_memory(self.model.device):
             x = (tensor * 255.0 - sam.pixel_mean) / sam.pixel_std
             with self.model.encoder_autocast():
                 features = sam.image_encoder(x)
