@@ -28,7 +28,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -81,18 +80,6 @@ def _ap50(gt, pred) -> tuple[float, int, int, int]:
         tp = int((iou[r, c] >= 0.5).sum())
         fp, fn = len(p_ids) - tp, len(g_ids) - tp
         return tp / max(tp + fp + fn, 1), tp, fp, fn
-
-
-@contextlib.contextmanager
-def default_malloc():
-    """glibc's malloc left at its defaults (``core.cpu_memory`` off): large freed tensors go back to the system."""
-    from napari_cellseg.core import cpu_memory
-
-    cpu_memory.ENABLED = False
-    try:
-        yield
-    finally:
-        cpu_memory.ENABLED = True
 
 
 def _timed(fn, *args, **kwargs):
@@ -190,6 +177,7 @@ def part_grid(args) -> dict:
     import torch
 
     from napari_cellseg.core import automatic as auto
+    from napari_cellseg.core import cpu_memory
     from napari_cellseg.core.models import load_model
     from napari_cellseg.core.predictor import Predictor
 
@@ -205,7 +193,7 @@ def part_grid(args) -> dict:
     rss_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # no slider below the run's probability: masks drawn only for answers above 0.8
     high, ours_high = _timed(auto.segment, image, model, "grid", cfg.updated(probability_floor=cfg.probability))
-    with default_malloc():  # freed tensors returned to the system (core.cpu_memory off)
+    with cpu_memory.switched_off():  # freed tensors returned to the system (glibc's defaults)
         _, ours_malloc_off = _timed(auto.segment, image, model, "grid", cfg)
     # the same run with the batch prompt decoder in float32 whatever the precision (the setting before 2026-12-01)
     auto.PROMPTS_FOLLOW_PRECISION = False
@@ -230,7 +218,8 @@ def part_grid(args) -> dict:
     labels_relaxed = result.relabel(probability=0.5, stability=0.3, nms_iou=0.05)
     relaxed_f32 = result_f32.relabel(probability=0.5, stability=0.3, nms_iou=0.05)
     return dict(
-        precision=model.precision, prompts_float32_s=ours_f32, ours_malloc_off_s=ours_malloc_off, candidates_prompts_float32=len(result_f32.candidates),
+        precision=model.precision, prompts_float32_s=ours_f32, ours_malloc_off_s=ours_malloc_off,
+        candidates_prompts_float32=len(result_f32.candidates),
         relaxed_agreement_ap50=_ap50(relaxed_f32, labels_relaxed)[0] if relaxed_f32.max() else None,
         image=f"{BENCH_IMAGE} {image.shape[0]} x {image.shape[1]}", prompts=prompts, stock_prompts=stock_points ** 2,
         threads=torch.get_num_threads(), ours_s=ours, ours_cpu_s=ours_cpu, ours_floor08_s=ours_high,
@@ -299,6 +288,7 @@ def part_decoder(args) -> dict:
 
 def part_distance(args) -> dict:
     from napari_cellseg.core import automatic as auto
+    from napari_cellseg.core import cpu_memory
     from napari_cellseg.core import postprocess as pp
     from napari_cellseg.core.models import load_model, resolve_precision
     from napari_cellseg.core.tinyvit import plain_operators
@@ -323,7 +313,7 @@ def part_distance(args) -> dict:
         _, out["default_s"] = _timed(auto.segment, image, fast, "distance", cfg)
         _, out["default_by_crop_s"] = _timed(auto.segment, image, fast, "distance", cfg.updated(embed_window=0))
         out["default_precision"] = default
-        with default_malloc():  # freed tensors returned to the system (page faults on every window)
+        with cpu_memory.switched_off():  # freed tensors returned to the system (page faults on every window)
             _, out["default_malloc_off_s"] = _timed(auto.segment, image, fast, "distance", cfg)
         _, out["default_again_s"] = _timed(auto.segment, image, fast, "distance", cfg)  # after it, for the ratio
         with plain_operators():  # the encoder's CPU inference paths off: fused post-ops, attention kernel, bands

@@ -85,11 +85,8 @@ def main() -> None:
         if repeat > 1:  # the same with glibc's malloc at its defaults: freed tensors go back to the system
             from napari_cellseg.core import cpu_memory
 
-            cpu_memory.ENABLED = False
-            try:
+            with cpu_memory.switched_off():
                 t_off = statistics.median(timed(lambda: ours.set_image(image), repeat=repeat, warmup=1))
-            finally:
-                cpu_memory.ENABLED = True
             rows.append((f"{arch}, {model.precision}, `core.cpu_memory` off", model.input_size, t_off, m_stock,
                          t_off / m_stock, repeat))
             print(f"{arch}: ours {t_off:.2f} s ({model.precision}, core.cpu_memory off)", flush=True)

@@ -85,14 +85,14 @@ def test_nested_and_concurrent_blocks_share_one_setting():
     assert not cpu_memory.active()
 
 
-def test_gpu_devices_and_the_switch_leave_malloc_alone(monkeypatch):
+def test_gpu_devices_and_the_switch_leave_malloc_alone():
     with cpu_memory.reuse_freed_memory("cuda:0") as changed:
         assert not changed and not cpu_memory.active()
     with cpu_memory.reuse_freed_memory("mps") as changed:
         assert not changed
-    monkeypatch.setattr(cpu_memory, "ENABLED", False)
-    with cpu_memory.reuse_freed_memory("cpu") as changed:
+    with cpu_memory.switched_off(), cpu_memory.reuse_freed_memory("cpu") as changed:
         assert not changed and not cpu_memory.active()
+    assert cpu_memory.ENABLED  # the switch is back on after its block
 
 
 @glibc

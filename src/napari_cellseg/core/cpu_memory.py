@@ -79,6 +79,17 @@ def active() -> bool:
 
 
 @contextlib.contextmanager
+def switched_off() -> Iterator[None]:
+    """Leave malloc at its defaults inside this block (:data:`ENABLED` False), for same-run comparisons."""
+    global ENABLED
+    before, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = before
+
+
+@contextlib.contextmanager
 def reuse_freed_memory(device: object = "cpu") -> Iterator[bool]:
     """Keep blocks that torch frees in the heap for reuse while the block runs (see the module docstring).
 
