@@ -1009,3 +1009,69 @@ def test_encoder_lora_on_a_split_model_adapts_a_copy_of_the_encoder(tmp_path):
            for k, v in result.tensors.items() if ".qkv." in k and ".layers.1." in k}
     with pytest.raises(ValueError, match="does not fit"):
         ft.apply_adapter(copy.deepcopy(split.sam), bad)
+
+
+@pytest.mark.parametrize("arch", ["vit_test", "tinyvit_test"])
+def test_encoder_cut_in_two_is_the_encoder(arch):
+    """features_head then features_tail is features, for every place the cut can go."""
+    enc = models.random_model(arch).sam.image_encoder.eval()
+    n = len(enc.attention_blocks())
+    assert n >= 2
+    x = torch.randn(1, 3, enc.img_size, enc.img_size)
+    with torch.no_grad():
+        whole = enc.features(x)
+        for tail in range(1, n + 1):
+            cut = enc.features_tail(enc.features_head(x, tail), tail)
+            torch.testing.assert_close(cut, whole, rtol=1e-4, atol=1e-5)
+    for bad in (0, n + 1):
+        with pytest.raises(ValueError, match=f"has {n} attention blocks"):
+            enc.features_head(x, bad)
+
+
+def test_lora_in_the_last_blocks_trains_from_cached_features(tmp_path):
+    """encoder_lora_blocks: LoRA in the last N blocks only, the encoder's output up to them cached, and the
+    adapter round-trips (the CPU way to adapt the encoder)."""
+    base = models.load_model(_checkpoint(tmp_path, "tinyvit_test"), device="cpu")
+    before = _state(base.sam)
+    image, labels = _cells()
+    with pytest.raises(ValueError, match="needs encoder_lora=True"):
+        ft.FinetuneConfig(encoder_lora_blocks=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        ft.FinetuneConfig(encoder_lora=True, encoder_lora_blocks=0)
+    cfg = ft.FinetuneConfig(recipe="distance", epochs=3, minutes=None, views=3, encoder_lora=True,
+                            encoder_lora_blocks=1, lr=3e-2, amp=False, feature_cache=str(tmp_path / "cache"))
+    trainer = ft.Finetuner(base, ft.make_training_data(image, labels), cfg)
+    calls = []
+    head = base.sam.image_encoder.__class__.features_head
+
+    def counting_head(self, x, tail):
+        calls.append(tail)
+        return head(self, x, tail)
+
+    base.sam.image_encoder.__class__.features_head = counting_head
+    try:
+        result = run_to_completion(trainer.run())
+    finally:
+        base.sam.image_encoder.__class__.features_head = head
+    # the head ran once per cached view (and validation/probe views), never per step
+    assert calls and set(calls) == {1} and len(calls) <= 3 + 1
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
+    qkv = list(ft.fused_qkv_layers(base.sam))
+    lora_keys = sorted({k.split(".qkv.", 1)[1].rsplit(".", 1)[0] for k in result.tensors if ".qkv." in k})
+    assert lora_keys == [qkv[-1]]  # the last block's qkv only
+    after = result.model.sam.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert f"{qkv[-1]}.weight" in changed
+    assert not any(f"{p}.weight" in changed for p in qkv[:-1])
+    # the cached path computes what the model computes from pixels
+    spec = ft.plan_views(trainer.train, 1, trainer.cfg, np.random.default_rng(1))[0]
+    cached = trainer._view_entry(trainer.train, spec, trainer.distances, with_features=True)
+    fresh = trainer._view_entry(trainer.train, spec, trainer.distances, with_features=False)
+    with torch.no_grad():
+        a = trainer._features_of(cached, distance=True)
+        b = trainer._features_of(fresh, distance=True)
+    torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+    path = ft.save_adapter(result, "tail-lora")
+    loaded = ft.load_adapter(path, device="cpu")
+    for x, y in zip(_decode_outputs(loaded), _decode_outputs(result.model)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)

@@ -185,7 +185,15 @@ class FinetuneConfig:
         Passes over the cached views. ``None`` with a time budget: as many as fit.
     encoder_lora : bool
         Also train LoRA in the image encoder (q and v of its fused qkv). No
-        embedding cache then: every step runs the encoder (slow on a CPU).
+        embedding cache then: every step runs the encoder (slow on a CPU),
+        unless ``encoder_lora_blocks`` is set.
+    encoder_lora_blocks : int or None
+        With ``encoder_lora``: adapt only the encoder's last N attention blocks
+        (of 10 in LiteMedSAM's TinyViT, 12 in vit_b). The encoder up to them
+        never changes, so its output is computed once per augmented view and
+        cached, as with a frozen encoder, and each step runs only those blocks
+        forward and backward: the CPU way to train the encoder. ``None``: every
+        block, the whole encoder in the loop.
     encoder_tail : {"none", "neck"} or None
         Also train the image encoder's neck (its last 1x1 and 3x3
         convolutions, 0.7 M numbers for LiteMedSAM) on cached features from
@@ -340,6 +348,7 @@ class FinetuneConfig:
     minutes: float | None = 10.0
     epochs: int | None = None
     encoder_lora: bool = False
+    encoder_lora_blocks: int | None = None
     encoder_tail: str | None = None
     decoder: str | None = None
     lora_rank: int = 4
@@ -401,6 +410,12 @@ class FinetuneConfig:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         if self.minutes is None and self.epochs is None:
             raise ValueError("give a time budget (minutes) or a number of epochs")
+        if self.encoder_lora_blocks is not None:
+            if not self.encoder_lora:
+                raise ValueError("encoder_lora_blocks needs encoder_lora=True")
+            if int(self.encoder_lora_blocks) < 1:
+                raise ValueError(f"encoder_lora_blocks must be at least 1, got {self.encoder_lora_blocks}")
+            self.encoder_lora_blocks = int(self.encoder_lora_blocks)
         if self.encoder_tail not in (None, "none", "neck"):
             raise ValueError(f"encoder_tail must be 'none' or 'neck', got {self.encoder_tail!r}")
         if self.multimask not in ("tie", "train", "off"):
@@ -1162,9 +1177,28 @@ def _inject_decoder_lora(sam, rank: int, alpha: float) -> None:
     inject_adapter_in_model(config, sam.mask_decoder)
 
 
-def _inject_encoder_lora(sam, rank: int, alpha: float, root: str = "image_encoder") -> None:
-    for path, (attn, q_rows, v_rows) in fused_qkv_layers(sam, (root,)).items():
+def _inject_encoder_lora(sam, rank: int, alpha: float, root: str = "image_encoder",
+                         last: int | None = None) -> None:
+    """LoRA on q and v of the fused qkv layers of the encoder at ``root`` (only the ``last`` N blocks' if given)."""
+    layers = list(fused_qkv_layers(sam, (root,)).values())
+    if last is not None:
+        if last > len(layers):
+            raise ValueError(f"encoder_lora_blocks={last}, but this encoder has {len(layers)} attention blocks")
+        layers = layers[len(layers) - last:]
+    for attn, q_rows, v_rows in layers:
         attn.qkv = __getattr__("FusedQKVLoRA")(attn.qkv, q_rows, v_rows, rank, alpha)
+
+
+def encoder_head(encoder, x, tail: int):
+    """What enters the encoder's last ``tail`` attention blocks (cached when only those blocks train)."""
+    if not hasattr(encoder, "features_head"):
+        raise ValueError(f"encoder_lora_blocks needs a TinyViT or ViT encoder, not {type(encoder).__name__}")
+    return encoder.features_head(x, tail)
+
+
+def encoder_tail(encoder, h, tail: int):
+    """The features before the neck ``(B, C, G, G)`` from :func:`encoder_head`'s output."""
+    return encoder.features_tail(h, tail)
 
 
 def _lora_modules(sam) -> dict[str, Any]:
@@ -1443,7 +1477,8 @@ class Finetuner:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.seed)
             if self.cfg.encoder_lora:
-                _inject_encoder_lora(sam, self.cfg.lora_rank, self.cfg.lora_alpha, self._encoder_lora_root(sam))
+                _inject_encoder_lora(sam, self.cfg.lora_rank, self.cfg.lora_alpha, self._encoder_lora_root(sam),
+                                     last=self.cfg.encoder_lora_blocks)
             if self.cfg.decoder == "lora":
                 _inject_decoder_lora(sam, self.cfg.lora_rank, self.cfg.lora_alpha)
             if self.cfg.recipe == "joint" and self.cfg.distance_decoder:
@@ -1591,6 +1626,16 @@ class Finetuner:
         """Cache the features entering the encoder's neck (the neck is trained), not its output."""
         return self.cfg.encoder_tail == "neck" and not self.cfg.encoder_lora
 
+    @property
+    def _encoder_in_loop(self) -> bool:
+        """Every step runs the whole encoder (LoRA in all its blocks): views are rendered, not cached."""
+        return self.cfg.encoder_lora and self.cfg.encoder_lora_blocks is None
+
+    @property
+    def _cache_tail_input(self) -> bool:
+        """Cache what enters the encoder's adapted last blocks (``encoder_lora_blocks``)."""
+        return self.cfg.encoder_lora and self.cfg.encoder_lora_blocks is not None
+
     def _encode(self, image01: np.ndarray, grad: bool = False, distance: bool = False, sam=None):
         """Encoder output of a view (or, when the neck is trained from the cache, the neck's input).
 
@@ -1605,6 +1650,8 @@ class Finetuner:
         if grad:
             return distance_features(sam, x) if distance else sam.image_encoder(x)
         with torch.no_grad(), self._encoder_autocast():
+            if self._cache_tail_input:
+                return encoder_head(self._cached_encoder(sam), x, self.cfg.encoder_lora_blocks).float()
             if self._cache_neck_input:
                 return encoder_before_neck(self._cached_encoder(sam), x).float()
             return sam.image_encoder(x).float()
@@ -1630,6 +1677,7 @@ class Finetuner:
 
         key = (f"{self._model_tag}|{pair.key}|{spec.key()}|{self.cfg.clahe}|{self.input_size}|"
                f"{'neck-input' if self._cache_neck_input else 'embedding'}"
+               f"{f'|tail-input-{self.cfg.encoder_lora_blocks}' if self._cache_tail_input else ''}"
                f"{'|bfloat16' if self.encoder_precision == 'bfloat16' else ''}"
                f"{'|distance-encoder' if self._cached_encoder(self._sam) is not self._sam.image_encoder else ''}")
         h = hashlib.sha256(key.encode()).hexdigest()[:32]
@@ -1689,6 +1737,10 @@ class Finetuner:
         neck = get_distance_neck(sam) if distance else None
         if "features" in entry:
             feats = torch.from_numpy(entry["features"].astype(np.float32))[None].to(self.device)
+            if self._cache_tail_input:
+                # the adapted blocks (LoRA) run here, with gradients when training
+                feats = encoder_tail(self._cached_encoder(sam), feats, self.cfg.encoder_lora_blocks)
+                return (neck or sam.image_encoder.neck)(feats)
             if self._cache_neck_input:
                 feats = (neck or sam.image_encoder.neck)(feats)
             return feats
@@ -1840,7 +1892,7 @@ class Finetuner:
                 specs.append((i, sl))
         for n, (i, sl) in enumerate(specs):
             spec = _tile_spec(i, sl, crop)
-            entry = self._view_entry(self.validation, spec, dist, with_features=not self.cfg.encoder_lora)
+            entry = self._view_entry(self.validation, spec, dist, with_features=not self._encoder_in_loop)
             entry["pair"], entry["slice"] = i, sl
             self.val_tiles.append(entry)
             yield Progress(n + 1, len(specs), f"embedding validation tile {n + 1}/{len(specs)}")
@@ -2092,7 +2144,7 @@ class Finetuner:
         self._model_tag = f"{self.root_base}|{self.stage}|{self.base_model.meta.get('created', '')}"
         rng = np.random.default_rng(cfg.seed)
         resume = self._load_checkpoint()
-        cache = not cfg.encoder_lora
+        cache = not self._encoder_in_loop
         # -- views --------------------------------------------------------------------
         n_tiles = sum(len(_tiles(p, cfg.crop_size)) for p in self.train.pairs)
         entries: list[dict] = []
@@ -2272,7 +2324,7 @@ class Finetuner:
         size = self.input_size
         samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (map, labels, known)
         with torch.no_grad():
-            if self.val_tiles and not self.cfg.encoder_lora:
+            if self.val_tiles and not self._encoder_in_loop:
                 for i, pair in enumerate(self.validation.pairs):
                     acc = np.zeros(pair.shape, np.float32)
                     cnt = np.zeros(pair.shape, np.float32)

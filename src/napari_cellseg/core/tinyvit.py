@@ -452,6 +452,44 @@ class TinyViTEncoder(nn.Module):
         """The map before the neck, ``(B, embed_dims[-1], S/4, S/4)``, contiguous (what the fine-tuning caches)."""
         return self._features(x).contiguous()
 
+    def _ops(self) -> list[nn.Module]:
+        """The encoder after its stem as one flat list: every block, then each stage's merge."""
+        ops: list[nn.Module] = []
+        for stage in self.layers:
+            ops += list(stage.blocks)
+            if stage.downsample is not None:
+                ops.append(stage.downsample)
+        return ops
+
+    def attention_blocks(self) -> list[nn.Module]:
+        """The windowed-attention blocks, in order (10 for LiteMedSAM's TinyViT-5M)."""
+        return [op for op in self._ops() if isinstance(op, TinyViTBlock)]
+
+    def _split(self, tail: int) -> int:
+        blocks = self.attention_blocks()
+        if not 1 <= tail <= len(blocks):
+            raise ValueError(f"this encoder has {len(blocks)} attention blocks: the tail must be 1-{len(blocks)}, "
+                             f"got {tail}")
+        return self._ops().index(blocks[len(blocks) - tail])
+
+    def features_head(self, x: torch.Tensor, tail: int) -> torch.Tensor:
+        """Tokens ``(B, L, C)`` entering the last ``tail`` attention blocks, for inputs of ``img_size``.
+
+        With :meth:`features_tail` this is :meth:`features` cut in two, so a
+        fine-tuning that adapts only those blocks computes (and caches) this
+        part once per view.
+        """
+        x = self._stem(x)
+        for op in self._ops()[: self._split(tail)]:
+            x = op(x) if x.ndim == 4 else op(x, None)
+        return x.contiguous()
+
+    def features_tail(self, x: torch.Tensor, tail: int) -> torch.Tensor:
+        """The map before the neck ``(B, C, G, G)`` from :meth:`features_head`'s tokens."""
+        for op in self._ops()[self._split(tail):]:
+            x = op(x, None)
+        return tokens_to_map(x, self.layers[-1].blocks[-1].grid).contiguous()
+
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         stem, _, embed = self.patch_embed.seq
         return embed(stem.run(x, gelu=True))

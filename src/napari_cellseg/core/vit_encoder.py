@@ -114,6 +114,33 @@ class ViTEncoder(ImageEncoderViT):
             x = _block(block, x) if fast else block(x)
         return x
 
+    def attention_blocks(self) -> list[torch.nn.Module]:
+        """The transformer blocks, in order (12 for vit_b)."""
+        return list(self.blocks)
+
+    def _split(self, tail: int) -> int:
+        n = len(self.blocks)
+        if not 1 <= tail <= n:
+            raise ValueError(f"this encoder has {n} attention blocks: the tail must be 1-{n}, got {tail}")
+        return n - tail
+
+    def features_head(self, x: torch.Tensor, tail: int) -> torch.Tensor:
+        """The map ``(B, G, G, C)`` entering the last ``tail`` blocks (see :meth:`features_tail`)."""
+        split = self._split(tail)
+        x = self.patch_embed(x)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        fast = _fused_dtype(x) is not None
+        for block in self.blocks[:split]:
+            x = _block(block, x) if fast else block(x)
+        return x.contiguous()
+
+    def features_tail(self, x: torch.Tensor, tail: int) -> torch.Tensor:
+        """The map before the neck ``(B, C, G, G)`` from :meth:`features_head`'s output."""
+        for block in self.blocks[self._split(tail):]:
+            x = block(x)
+        return x.permute(0, 3, 1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.neck(self._blocks(x).permute(0, 3, 1, 2))
 
