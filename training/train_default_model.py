@@ -240,7 +240,9 @@ def continue_distance(args) -> Path:
 
     Stage 2 (``--continue-dsb 60``) continued stage 1; stage 4 (``--continue-dsb all --keep-selection-out``)
     continues stage 3, whose distance encoder carries LoRA: the features are cached through that encoder
-    and its neck, decoder and refiner are trained on all the DSB training images.
+    and its neck, decoder and refiner are trained on all the DSB training images. With
+    ``--encoder-lora-blocks N`` the last N attention blocks of that encoder get LoRA too (what enters them is
+    cached instead of the features before the neck).
     """
     from napari_cellseg.core.finetune import FinetuneConfig, load_adapter
 
@@ -250,9 +252,16 @@ def continue_distance(args) -> Path:
     limit = None if args.continue_dsb == "all" else int(args.continue_dsb)
     data = build_training_data(limit, keep_selection_out=args.keep_selection_out)
     print(f"continued stage data: {len(data)} planes, {data.n_cells} cells", flush=True)
+    lora = {}
+    if args.encoder_lora_blocks:
+        # LoRA in the distance encoder's last blocks (what enters them is cached per view): stage 3's
+        # adapter and learning rates, on a CPU
+        lora = dict(encoder_lora=True, encoder_lora_blocks=args.encoder_lora_blocks, lora_rank=args.rank,
+                    lora_alpha=float(args.rank), full_lr=args.lr or CONTINUE_LR)
     cfg = FinetuneConfig(recipe="distance", minutes=args.continue_minutes, views=args.views,
-                         lr=args.lr or CONTINUE_LR, seed=args.seed, feature_cache=str(work / "features"),
-                         checkpoint=str(work / "checkpoint.pt"), patience=0, device="cpu")
+                         lr=(args.lora_lr if lora else None) or args.lr or CONTINUE_LR, seed=args.seed,
+                         feature_cache=str(work / "features"), checkpoint=str(work / "checkpoint.pt"),
+                         patience=0, device="cpu", **lora)
     path = train_and_stage(load_adapter(packaged, device="cpu"), data, cfg, args, "continued stage")
     merge_full_stages(path, args.name)
     return path
@@ -277,6 +286,10 @@ def main(argv=None) -> int:
                    help="DSB training images of a continued stage: a number (spread over the list) or 'all'")
     p.add_argument("--keep-selection-out", action="store_true",
                    help="leave out the images train_encoder_stage.py keeps aside to choose between runs")
+    p.add_argument("--encoder-lora-blocks", type=int, default=None,
+                   help="continued stage: also train LoRA in the last N attention blocks of the distance encoder")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank with --encoder-lora-blocks")
+    p.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA peak learning rate with --encoder-lora-blocks")
     p.add_argument("--tune-only", action="store_true",
                    help="only choose the distance-mode defaults of the adapter in --out (no training)")
     args = p.parse_args(argv)

@@ -1738,13 +1738,17 @@ class Finetuner:
         if "features" in entry:
             feats = torch.from_numpy(entry["features"].astype(np.float32))[None].to(self.device)
             if self._cache_tail_input:
-                # the adapted blocks (LoRA) run here, with gradients when training
-                feats = encoder_tail(self._cached_encoder(sam), feats, self.cfg.encoder_lora_blocks)
-                return (neck or sam.image_encoder.neck)(feats)
+                return self._through_tail(feats, sam, neck)
             if self._cache_neck_input:
                 feats = (neck or sam.image_encoder.neck)(feats)
             return feats
         return self._encode(entry["image"], grad=True, distance=distance, sam=sam)
+
+    def _through_tail(self, head, sam, neck):
+        """The adapted last blocks (LoRA, with gradients when training) and the neck, on cached head outputs."""
+        with self._autocast():
+            feats = encoder_tail(self._cached_encoder(sam), head, self.cfg.encoder_lora_blocks)
+            return (neck or sam.image_encoder.neck)(feats).float()
 
     @property
     def _uses_refiner(self) -> bool:
@@ -1776,6 +1780,12 @@ class Finetuner:
             x = self._encoder_input([e["image"] for e in entries])
             with self._autocast():
                 feats = distance_features(self._sam, x)
+        elif self._cache_tail_input and all("features" in e for e in entries):
+            # the adapted blocks: one batched forward (and backward) for all the views
+            from .distance_head import get_distance_neck
+
+            head = torch.from_numpy(np.stack([e["features"] for e in entries]).astype(np.float32)).to(self.device)
+            feats = self._through_tail(head, self._sam, get_distance_neck(self._sam))
         else:
             feats = torch.cat([self._features_of(e, distance=True) for e in entries])
         with self._autocast():
