@@ -113,3 +113,22 @@ def test_ctrl_c_saves_the_best_model_so_far(files, capsys, monkeypatch):
     assert "interrupted: cancelled after 2 steps" in out
     meta = json.loads((models.cache_dir() / "adapters" / "stopped.json").read_text())
     assert meta["metrics"]["steps"] == 2
+
+
+def test_encoder_lora_in_the_last_blocks(files, capsys):
+    img, lab, ckpt, _ = files
+    rc, out, err = _run(["finetune", "--image", img, "--labels", lab, "--base", ckpt, "--recipe", "distance",
+                         "--epochs", "1", "--config", '{"views": 2}', "--encoder-lora-blocks", "1",
+                         "--device", "cpu", "--out", "tail-lora"], capsys)
+    assert rc == 0, err
+    meta = json.loads((models.cache_dir() / "adapters" / "tail-lora.json").read_text())
+    assert meta["config"]["encoder_lora"] is True and meta["config"]["encoder_lora_blocks"] == 1
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(models.cache_dir() / "adapters" / "tail-lora.safetensors"))
+    layers = {k.split(".qkv.", 1)[1].rsplit(".", 1)[0] for k in tensors if ".qkv." in k}
+    assert layers == {list(ft.fused_qkv_layers(models.random_model("vit_test").sam))[-1]}
+    for n, match in (("0", "at least 1"), ("99", "attention blocks")):
+        rc, _, err = _run(["finetune", "--image", img, "--labels", lab, "--base", ckpt, "--epochs", "1",
+                           "--encoder-lora-blocks", n, "--device", "cpu", "--out", "bad-tail"], capsys)
+        assert rc == 2 and match in err and "Traceback" not in err, err

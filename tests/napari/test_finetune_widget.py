@@ -121,3 +121,24 @@ def test_cells_painted_with_one_label_are_refused_and_the_layer_is_kept(viewer_w
     assert "share the label 1" in errors[-1] and "press M" in errors[-1]
     assert not (models.cache_dir() / "adapters").exists()
     np.testing.assert_array_equal(layer.data, painted)
+
+
+def test_encoder_lora_in_the_last_blocks_from_the_widget(viewer_with_cells, qtbot):
+    import json
+
+    viewer, _, _, _ = viewer_with_cells
+    widget = FinetuneWidget(viewer)
+    assert not widget.encoder_blocks_spin.isEnabled()  # only with the encoder LoRA ticked
+    widget.encoder_check.setChecked(True)
+    assert widget.encoder_blocks_spin.isEnabled() and widget.encoder_blocks_spin.text() == "every block"
+    widget.encoder_blocks_spin.setValue(1)
+    widget.budget_combo.setCurrentText("epochs")
+    widget.epochs_spin.setValue(1)
+    widget.name_edit.setText("gui-tail")
+    widget.train_btn.click()
+    assert not widget.encoder_blocks_spin.isEnabled()  # locked while training
+    qtbot.waitUntil(lambda: widget.train_btn.isEnabled(), timeout=120000)
+    assert "finished: saved 'gui-tail'" in widget.status.text(), widget.status.text()
+    assert widget.encoder_blocks_spin.isEnabled()
+    meta = json.loads((models.cache_dir() / "adapters" / "gui-tail.json").read_text())
+    assert meta["config"]["encoder_lora"] is True and meta["config"]["encoder_lora_blocks"] == 1

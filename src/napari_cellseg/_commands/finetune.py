@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "unlabelled pixels outside it are ignored")
     parser.add_argument("--channel", type=int, default=None, help="channel of multichannel images")
     parser.add_argument("--encoder-lora", action="store_true", help="also train LoRA in the image encoder (slow)")
+    parser.add_argument("--encoder-lora-blocks", type=int, default=None, metavar="N",
+                        help="LoRA in the image encoder's last N attention blocks only (implies --encoder-lora): "
+                             "what enters them is cached once per view, so the encoder trains on a CPU")
     parser.add_argument("--config", default=None, metavar="JSON",
                         help="more FinetuneConfig settings as JSON text or a .json file")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -102,7 +105,12 @@ def run(args: argparse.Namespace) -> int:
     if (st_path.exists() or js_path.exists()) and not args.overwrite:
         raise UserError(f"a model named {args.out!r} exists ({js_path}): choose another --out or add --overwrite")
 
-    settings = {"recipe": args.recipe, "device": args.device, "encoder_lora": args.encoder_lora}
+    settings = {"recipe": args.recipe, "device": args.device,
+                "encoder_lora": args.encoder_lora or args.encoder_lora_blocks is not None}
+    if args.encoder_lora_blocks is not None:
+        if args.encoder_lora_blocks < 1:
+            raise UserError(f"--encoder-lora-blocks must be at least 1, got {args.encoder_lora_blocks}")
+        settings["encoder_lora_blocks"] = args.encoder_lora_blocks
     if args.minutes is not None or args.epochs is not None:
         settings["minutes"] = args.minutes
         settings["epochs"] = args.epochs
