@@ -259,7 +259,7 @@ def continue_distance(args) -> Path:
         lora = dict(encoder_lora=True, encoder_lora_blocks=args.encoder_lora_blocks, lora_rank=args.rank,
                     lora_alpha=float(args.rank), full_lr=args.lr or CONTINUE_LR)
     cfg = FinetuneConfig(recipe="distance", minutes=args.continue_minutes, views=args.views,
-                         lr=(args.lora_lr if lora else None) or args.lr or CONTINUE_LR, seed=args.seed,
+                         lr=args.lora_lr if lora else (args.lr or CONTINUE_LR), seed=args.seed,
                          feature_cache=str(work / "features"), checkpoint=str(work / "checkpoint.pt"),
                          patience=0, device="cpu", **lora)
     path = train_and_stage(load_adapter(packaged, device="cpu"), data, cfg, args, "continued stage")

@@ -108,9 +108,7 @@ def run(args: argparse.Namespace) -> int:
     settings = {"recipe": args.recipe, "device": args.device,
                 "encoder_lora": args.encoder_lora or args.encoder_lora_blocks is not None}
     if args.encoder_lora_blocks is not None:
-        if args.encoder_lora_blocks < 1:
-            raise UserError(f"--encoder-lora-blocks must be at least 1, got {args.encoder_lora_blocks}")
-        settings["encoder_lora_blocks"] = args.encoder_lora_blocks
+        settings["encoder_lora_blocks"] = args.encoder_lora_blocks  # (FinetuneConfig checks it)
     if args.minutes is not None or args.epochs is not None:
         settings["minutes"] = args.minutes
         settings["epochs"] = args.epochs

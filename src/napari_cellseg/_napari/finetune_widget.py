@@ -459,8 +459,7 @@ class FinetuneWidget(QWidget):
         self.cancel_btn.setEnabled(running)
         for w in (self.image_combo, self.labels_combo, self.region_combo, self.shapes_combo, self.val_combo,
                   self.val_planes, self.recipe_combo, self.base_combo, self.budget_combo, self.minutes_spin,
-                  self.epochs_spin, self.encoder_check, self.encoder_blocks_spin, self.name_edit,
-                  self.overwrite_check):
+                  self.epochs_spin, self.encoder_check, self.name_edit, self.overwrite_check):
             w.setEnabled(not running)
         self.encoder_blocks_spin.setEnabled(not running and self.encoder_check.isChecked())
         if not running:

@@ -105,12 +105,13 @@ class ViTEncoder(ImageEncoderViT):
     Built with the same arguments; ``features(x)`` returns the map before the neck ``(B, C, G, G)``.
     """
 
-    def _blocks(self, x: torch.Tensor) -> torch.Tensor:
+    def _blocks(self, x: torch.Tensor, stop: int | None = None) -> torch.Tensor:
+        """Patch embedding and the blocks before index ``stop`` (all by default), ``(B, G, G, C)``."""
         x = self.patch_embed(x)
         if self.pos_embed is not None:
             x = x + self.pos_embed
         fast = _fused_dtype(x) is not None
-        for block in self.blocks:
+        for block in self.blocks[:stop]:
             x = _block(block, x) if fast else block(x)
         return x
 
@@ -126,14 +127,7 @@ class ViTEncoder(ImageEncoderViT):
 
     def features_head(self, x: torch.Tensor, tail: int) -> torch.Tensor:
         """The map ``(B, G, G, C)`` entering the last ``tail`` blocks (see :meth:`features_tail`)."""
-        split = self._split(tail)
-        x = self.patch_embed(x)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed
-        fast = _fused_dtype(x) is not None
-        for block in self.blocks[:split]:
-            x = _block(block, x) if fast else block(x)
-        return x.contiguous()
+        return self._blocks(x, self._split(tail)).contiguous()
 
     def features_tail(self, x: torch.Tensor, tail: int) -> torch.Tensor:
         """The map before the neck ``(B, C, G, G)`` from :meth:`features_head`'s output."""
