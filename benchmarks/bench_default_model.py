@@ -16,7 +16,10 @@ flagged as optimistic). Per image kind:
 * boxes: the cell's exact bounding box, the same way; mean IoU (``--views N``: N orientations of each
   window averaged, the annotation mode's test-time augmentation; 1 by default, as on a CPU; ``--invert``: the
   inverted-contrast averaging, by default as in the widget);
-* speed: seconds of the distance mode per Usiigaci image (1022 x 1024).
+* speed: seconds of the distance mode per Usiigaci image (1022 x 1024);
+* ``--zoom rule``: the distance and guided modes run with the zoom (``DistanceConfig.scale``) of the model
+  card's rule, from each image's median cell diameter and the training cells' diameters of its kind
+  (:func:`rule_zoom`; chosen on the selection images, ``--selection``).
 
 Run from the repository root::
 
@@ -117,12 +120,24 @@ def prompt_ious(model, image, labels, cells, views: int = 1, invert: bool | None
     return out
 
 
-def automatic(model, image, labels, mode: str) -> dict:
+def rule_zoom(labels: np.ndarray, kind: str, table: dict) -> float:
+    """The model card's zoom rule: 1 while the image's median cell diameter lies within the training cells'
+    10th-90th percentiles of its kind, else the zoom that brings it to their median (the ground truth's
+    diameter stands in for the user's measurement of a few cells)."""
+    from napari_cellseg.core.automatic import scale_for_diameter
+
+    d = float(np.median(datasets.cell_diameters(labels)))
+    t = table[kind]
+    return 1.0 if t["p10"] <= d <= t["p90"] else round(scale_for_diameter(d, t["median"]), 2)
+
+
+def automatic(model, image, labels, mode: str, scale: float = 1.0) -> dict:
     from napari_cellseg.core import automatic as auto
     from napari_cellseg.core.metrics import average_precision
 
     t = time.perf_counter()
-    res = auto.segment(image, model, mode=mode)
+    config = auto.make_config(mode, model, scale=scale) if scale != 1 else None
+    res = auto.segment(image, model, mode=mode, config=config)
     seconds = time.perf_counter() - t
     s50, s75 = average_precision(labels, res.labels, (0.5, 0.75))
     return {"ap50": s50.ap, "ap75": s75.ap, "seconds": seconds, "n_pred": int(res.n_cells)}
@@ -188,6 +203,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-decoder", choices=["auto", "float32"], default="auto",
                    help="arithmetic of the batch prompt decoder of the grid and guided modes: the model's precision "
                         "(auto, the default) or float32 whatever the precision (the setting before 2026-12-01)")
+    p.add_argument("--zoom", choices=["none", "rule"], default="none",
+                   help="distance and guided modes: run at the image's own scale (none) or zoomed by the model "
+                        "card's rule from the cell diameter (rule: see rule_zoom)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -202,6 +220,9 @@ def main(argv=None) -> int:
     auto.PROMPTS_FOLLOW_PRECISION = args.prompt_decoder == "auto"
     items = (selection_images() if args.selection
              else validation_images([int(x) for x in args.usiigaci.split(",") if x], args.dsb_per_kind))
+    table = datasets.training_diameters() if args.zoom == "rule" else None
+    if table:
+        print(f"training cell diameters: {json.dumps(table)}", file=sys.stderr, flush=True)
     rows = []
     for name in args.models:
         model = load_model(name, device="cpu")
@@ -209,13 +230,16 @@ def main(argv=None) -> int:
             image, labels = load(item)
             rng = np.random.default_rng(0)
             row = {"model": name, "kind": item["kind"], "image": item["name"]}
+            zoom = rule_zoom(labels, item["kind"], table) if table else 1.0
+            if table:
+                row["zoom"] = zoom
             for mode in args.modes:
                 if mode in ("distance", "guided") and not auto.is_distance_model(model):
                     continue  # zero-shot LiteMedSAM has no map
                 if mode != "distance" and args.mode_images is not None and n_img % max(
                         1, len(items) // args.mode_images) != 0:
                     continue
-                r = automatic(model, image, labels, mode)
+                r = automatic(model, image, labels, mode, zoom if mode != "grid" else 1.0)
                 row[f"{mode}_ap50"], row[f"{mode}_ap75"] = r["ap50"], r["ap75"]
                 if item["kind"] == "phase":
                     row[f"{mode}_seconds_per_image"] = r["seconds"]

@@ -99,3 +99,28 @@ def dsb_pair(name: str) -> tuple[np.ndarray, np.ndarray]:
     import tifffile
 
     return tifffile.imread(DSB / "images" / name), tifffile.imread(DSB / "masks" / name)
+
+
+def cell_diameters(labels: np.ndarray) -> np.ndarray:
+    """Equivalent diameter (pixels) of each cell of a label image: ``sqrt(4 area / pi)``."""
+    areas = np.bincount(np.asarray(labels).ravel())[1:]
+    return np.sqrt(4 * areas[areas > 0] / np.pi)
+
+
+def training_diameters() -> dict[str, dict[str, float]]:
+    """Per image kind (``phase`` for Usiigaci), the 10th, 50th and 90th percentiles of the training cells'
+    diameters, over every cell of the training split: the sizes the default model was trained on."""
+    import tifffile
+
+    cells: dict[str, list[np.ndarray]] = {}
+    for r in dsb_index():
+        if r["split"] == "train":
+            cells.setdefault(r["kind"], []).append(cell_diameters(tifffile.imread(DSB / "masks" / r["file"])))
+    for k in USIIGACI_TRAIN:
+        cells.setdefault("phase", []).append(
+            cell_diameters(tifffile.imread(USIIGACI / "masks" / f"train_set{k}.tif")))
+    out = {}
+    for kind, parts in sorted(cells.items()):
+        p10, p50, p90 = np.percentile(np.concatenate(parts), [10, 50, 90])
+        out[kind] = {"p10": round(float(p10), 1), "median": round(float(p50), 1), "p90": round(float(p90), 1)}
+    return out

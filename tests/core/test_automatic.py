@@ -307,6 +307,87 @@ def test_model_smoothing_default_and_noisy_map_smoothing(monkeypatch):
     assert smooth.labels[30, 30] != smooth.labels[60, 66] and smooth.labels[30, 30] and smooth.labels[60, 66]
 
 
+def _size_selective_maps(lo, hi):
+    """Stands in for :func:`automatic.crop_distance_maps` as a distance model that knows cells of one size:
+    the normalised distance map of each bright blob whose equivalent radius is in [lo, hi] pixels of the crop,
+    nothing elsewhere (a model trained on such cells splits or misses others)."""
+    from scipy import ndimage as ndi
+
+    def maps(model, crops):
+        out = []
+        for crop in crops:
+            blobs, n = ndi.label(crop[..., 0] > 0.5)
+            dmap = np.zeros(crop.shape[:2], np.float32)
+            for k, sl in enumerate(ndi.find_objects(blobs), start=1):
+                inside = blobs[sl] == k
+                if lo <= np.sqrt(inside.sum() / np.pi) <= hi:
+                    dist = ndi.distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]
+                    dmap[sl][inside] = dist[inside] / dist.max()
+            out.append(dmap)
+        return out
+
+    return maps
+
+
+def test_scale_brings_cells_to_the_models_size_and_the_labels_back(monkeypatch, distance_model):
+    # the "model" knows cells 8-14 px in radius; the image holds cells of radius 22 (2x too large)
+    monkeypatch.setattr(auto, "crop_distance_maps", _size_selective_maps(8, 14))
+    centres = [(40 + 70 * i, 45 + 75 * j) for i in range(4) for j in range(4)]
+    image, labels = _cells((300, 320), centres, [22] * len(centres))
+    cfg = auto.DistanceConfig(peak=0.47, fill=0.09, clahe=False)
+    assert auto.segment(image, distance_model, mode="distance", config=cfg).n_cells == 0
+    res = auto.segment(image, distance_model, mode="distance", config=cfg.updated(scale=0.5))
+    assert res.labels.shape == labels.shape and res.distance_map.shape == labels.shape
+    assert res.n_cells == len(centres)
+    ious = _best_ious(labels, res.labels)
+    assert ious.min() > 0.8, ious  # back at the image's size, not the zoomed one
+    # tiny cells (radius 5) are found when the image is zoomed up
+    small, small_labels = _cells((160, 170), [(30 + 35 * i, 30 + 36 * j) for i in range(4) for j in range(4)],
+                                 [5] * 16)
+    assert auto.segment(small, distance_model, mode="distance", config=cfg).n_cells == 0
+    up = auto.segment(small, distance_model, mode="distance", config=cfg.updated(scale=2.0))
+    assert up.n_cells == 16 and _best_ious(small_labels, up.labels).min() > 0.6
+    # guided mode zooms its distance stage the same way (its map is at the image's size)
+    g = auto.make_config("guided", distance_model, peak=0.47, fill=0.09, clahe=False, scale=0.5)
+    assert g.distance.scale == 0.5
+    dmap = auto.run_to_completion(auto.predict_distance_map(image, distance_model, g.distance))
+    assert np.abs(dmap - res.distance_map).max() < 1e-6
+
+
+def test_scale_one_is_the_unzoomed_map_and_zooming_round_trips_a_smooth_map(monkeypatch, distance_model):
+    monkeypatch.setattr(auto, "crop_distance_maps", lambda model, crops: [c[..., 0].copy() for c in crops])
+    yy, xx = np.mgrid[:300, :260]
+    image = (np.sin(yy / 40.0) * np.cos(xx / 55.0)).astype(np.float32)
+    cfg = auto.DistanceConfig(clahe=False)
+    plain = auto.run_to_completion(auto.predict_distance_map(image, distance_model, cfg))
+    assert np.array_equal(plain, auto.run_to_completion(auto.predict_distance_map(
+        image, distance_model, cfg.updated(scale=1.0))))
+    steps = {}
+    for s in (0.5, 1.5, 3.0):
+        progress = []
+        dmap = auto.run_to_completion(auto.predict_distance_map(image, distance_model, cfg.updated(scale=s)),
+                                      progress.append)
+        assert dmap.shape == image.shape and dmap.dtype == np.float32
+        assert np.abs(dmap - plain)[4:-4, 4:-4].max() < 0.03  # bilinear there and back on a smooth map
+        steps[s] = progress[-1].total
+    assert steps[0.5] < steps[1.5] < steps[3.0]  # the crops cover the zoomed image
+
+
+def test_scale_is_checked_and_huge_zooms_are_refused(distance_model):
+    for bad in (0, 0.1, 5, float("nan"), "auto", True):
+        with pytest.raises(ValueError, match="scale must be a zoom between 0.25 and 4"):
+            auto.DistanceConfig(scale=bad).validate()
+    with pytest.raises(ValueError, match="grid mode has no setting scale"):
+        auto.make_config("grid", scale=0.5)
+    assert auto.make_config("distance", distance_model, scale=2).scale == 2
+    with pytest.raises(ValueError, match=r"makes this 6000 x 5000 image 24000 x 20000 pixels.*lower the scale"):
+        auto.zoomed_shape((6000, 5000), 4.0)
+    assert auto.zoomed_shape((100, 30), 0.25) == (25, auto.MIN_IMAGE_SIDE)
+    assert auto.scale_for_diameter(80, 40) == 0.5 and auto.scale_for_diameter(2, 40) == auto.MAX_SCALE
+    with pytest.raises(ValueError, match="positive number of pixels"):
+        auto.scale_for_diameter(0, 40)
+
+
 # ---------------------------------------------------------------------------
 # grid mode
 # ---------------------------------------------------------------------------

@@ -158,3 +158,28 @@ def test_embed_window_reaches_the_distance_configuration(tmp_path, monkeypatch, 
     assert "embed_window" in capsys.readouterr().err
     assert main([*base, "--mode", "grid", "--embed-window", "704", "--out", str(tmp_path / "d")]) == 2
     assert "grid mode has no setting embed_window" in capsys.readouterr().err
+
+
+def test_scale_reaches_the_distance_configuration_and_bad_zooms_are_user_errors(tmp_path, monkeypatch, capsys):
+    from napari_cellseg.core import automatic as auto
+
+    seen = []
+    real = auto.predict_distance_map
+
+    def spy(image, model, config=None, *args, **kwargs):
+        seen.append(config.scale)
+        return real(image, model, config, *args, **kwargs)
+
+    monkeypatch.setattr(auto, "predict_distance_map", spy)
+    src = tmp_path / "img.tif"
+    tifffile.imwrite(src, _image(3, (70, 60)))
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(models.build_sam("tinyvit_test").state_dict(), ckpt)
+    base = ["segment", str(src), "--model", str(ckpt), "--output", "distance", "--device", "cpu"]
+    assert main([*base, "--scale", "0.5", "--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
+    assert seen[0] == 0.5  # the call of the segmentation (the zoomed plane is then mapped at scale 1)
+    assert tifffile.imread(tmp_path / "a" / "img_labels.tif").shape == (70, 60)
+    assert main([*base, "--scale", "9", "--out", str(tmp_path / "b")]) == 2
+    assert "scale must be a zoom between 0.25 and 4, got 9.0" in capsys.readouterr().err
+    assert main([*base, "--mode", "grid", "--scale", "2", "--out", str(tmp_path / "c")]) == 2
+    assert "grid mode has no setting scale" in capsys.readouterr().err

@@ -121,6 +121,29 @@ def test_distance_mode_with_a_distance_model_and_live_peak(setup, qtbot):
     assert ms < 1000
 
 
+def test_zoom_reaches_the_distance_map_and_the_labels_keep_the_image_size(setup, qtbot, monkeypatch):
+    viewer, widget = setup
+    viewer.add_image(_cells((120, 100)), name="img")
+    seen = []
+    real = auto.crop_distance_maps
+    monkeypatch.setattr(auto, "crop_distance_maps",
+                        lambda model, crops: seen.extend(c.shape[:2] for c in crops) or real(model, crops))
+    widget.set_model(auto.as_distance_model(random_model("vit_test", seed=2)))
+    _select_mode(widget, "distance")
+    assert widget.scale_spin.isEnabled() and widget.scale_spin.value() == 1.0
+    widget.scale_spin.setValue(2.5)
+    assert widget.thresholds()["scale"] == 2.5
+    widget.run()
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60000)
+    out = widget.output_layer()
+    assert out is not None and out.data.shape == (120, 100)
+    assert widget._results[0].distance_map.shape == (120, 100)
+    # the 120 x 100 image was zoomed to 300 x 250: more than one 256 px crop
+    assert len(seen) > 1 and all(shape == (256, 256) for shape in seen)
+    _select_mode(widget, "grid")
+    assert not widget.scale_spin.isEnabled() and "scale" not in widget.thresholds()
+
+
 def test_guided_mode_with_orientations_runs_one_encoder_pass_per_orientation(setup, qtbot):
     viewer, widget = setup
     viewer.add_image(_cells((120, 100)), name="img")

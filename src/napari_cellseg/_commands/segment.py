@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dist.add_argument("--smooth", type=float, default=None,
                       help="Gaussian sigma (pixels) applied to the distance map before the watershed (0, or the "
                            "model's own)")
+    dist.add_argument("--scale", type=float, default=None, metavar="ZOOM",
+                      help="zoom the image by this factor before the distance model sees it (0.25-4; 1: as it "
+                           "is): below 1 for cells much larger than the model's training cells, which it splits, "
+                           "above 1 for tiny ones (see docs/automatic.md)")
     dist.add_argument("--embed-window", type=int, default=None, metavar="PX",
                       help="embed neighbouring crops together in windows up to this side (704; 0: crop by crop; "
                            "default: 704 where the encoder runs in bfloat16 on a CPU, else 0; TinyViT models)")
@@ -80,7 +84,7 @@ def _settings(args: argparse.Namespace, mode: str) -> dict:
         "stability_offset": args.stability_offset, "nms_iou": args.nms_iou,
         "max_area_fraction": args.max_area, "min_area": args.min_area, "multimask": args.multimask,
         "max_downscale": args.max_downscale, "views": args.views, "invert": args.invert,
-        "embed_window": args.embed_window,
+        "embed_window": args.embed_window, "scale": args.scale,
     }
     if args.min_size is not None:
         given["min_area" if mode == "grid" else "min_size"] = args.min_size

@@ -25,6 +25,7 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -200,6 +201,18 @@ class AutomaticWidget(QWidget):
         self.max_area_spin.setToolTip("Grid mode: masks larger than this share of the image are dropped when the "
                                       "network runs (CellSeg1: 10%); raise it for images of a few large cells")
         form.addRow("Max mask area", self.max_area_spin)
+        self.scale_spin = QDoubleSpinBox()
+        self.scale_spin.setRange(auto.MIN_SCALE, auto.MAX_SCALE)
+        self.scale_spin.setSingleStep(0.25)
+        self.scale_spin.setDecimals(2)
+        self.scale_spin.setValue(1.0)
+        self.scale_spin.setSuffix(" x")
+        self.scale_spin.setToolTip(
+            "Distance and guided modes: zoom of the image before the distance model sees it (the labels stay at "
+            "the image's size). The model splits cells much larger than its training cells and misses much "
+            "smaller ones: below 1 for large cells (e.g. 0.5 for fluorescent nuclei 40 px or more across), above 1 "
+            "for tiny ones (2 for nuclei under 10 px). Press Run after changing it; see docs/automatic.md")
+        form.addRow("Zoom", self.scale_spin)
         self.sliders: dict[str, _FloatSlider] = {}
         self._slider_rows: dict[str, tuple[QLabel, _FloatSlider]] = {}
         for name, (label, default, _modes, tip) in SLIDERS.items():
@@ -269,6 +282,7 @@ class AutomaticWidget(QWidget):
         self.draw_combo.setEnabled(mode == "guided")
         self.views_combo.setEnabled(mode == "guided")
         self.invert_check.setEnabled(mode == "guided")
+        self.scale_spin.setEnabled(mode != "grid")
 
     def _refresh_images(self, *_) -> None:
         current = self.image_combo.currentText()
@@ -302,6 +316,7 @@ class AutomaticWidget(QWidget):
             out["max_area_fraction"] = self.max_area_spin.value() / 100.0
         else:
             out["min_size"] = self.min_size_spin.value()
+            out["scale"] = float(self.scale_spin.value())
         if mode == "guided":
             out["views"] = int(self.views_combo.currentData())
             out["invert"] = self.invert_check.isChecked()

@@ -99,6 +99,10 @@ MODES = ("distance", "grid", "guided")
 MIN_IMAGE_SIDE = 16
 #: grid mode upsamples up to this many candidates while the network runs (later ones on demand)
 PRECOMPUTE_LIMIT = 5000
+#: range of ``DistanceConfig.scale``, the zoom of the image before the distance model sees it
+MIN_SCALE, MAX_SCALE = 0.25, 4.0
+#: most pixels of a zoomed plane (``DistanceConfig.scale``): about 1.6 GB of image and map in float32
+MAX_ZOOMED_PIXELS = 100_000_000
 
 # ---------------------------------------------------------------------------
 # configuration
@@ -199,6 +203,18 @@ class DistanceConfig(_Config):
         encoder runs in bfloat16 on a CPU, where windows were measured
         1.1-1.25x faster for 0.6 GB more memory; 0 elsewhere (in float32 on
         a CPU they gained 0-1.2x for 1.4 GB more; not measured on a GPU).
+    scale : float
+        Zoom of the image before the model sees it (0.25 to 4; 1, the default,
+        leaves it as it is): the map is predicted on the zoomed image and
+        resized back, so the labels, ``min_size`` and the measurements stay in
+        the image's own pixels. A distance model learns cells of the sizes it
+        was trained on and splits much larger ones into pieces of about that
+        size, or misses much smaller ones, so the zoom brings the cells to its
+        scale (Cellpose's cell diameter plays the same part): below 1 for large
+        cells, above 1 for tiny ones. :func:`scale_for_diameter` turns a cell
+        diameter into it; the model card gives the sizes of the default
+        model's training cells. ``smooth``, ``crop_size`` and ``overlap`` are
+        in zoomed pixels, so they keep the meaning the model was tuned with.
     """
 
     peak: float = pp.DEFAULT_PEAK
@@ -211,9 +227,13 @@ class DistanceConfig(_Config):
     clahe: bool = True
     batch_size: int | None = None
     embed_window: int | None = None
+    scale: float = 1.0
 
     def validate(self) -> None:
         pp.check_thresholds(self.peak, self.fill)
+        if not (isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool)
+                and np.isfinite(self.scale) and MIN_SCALE <= self.scale <= MAX_SCALE):
+            raise ValueError(f"scale must be a zoom between {MIN_SCALE:g} and {MAX_SCALE:g}, got {self.scale!r}")
         if not (np.isfinite(self.smooth) and 0 <= self.smooth <= 20):
             raise ValueError(f"smooth must be a sigma between 0 and 20 pixels, got {self.smooth}")
         _check_int("min_size", self.min_size, 0)
@@ -688,6 +708,57 @@ def window_distance_maps(model: LoadedModel, window01: np.ndarray, offsets: list
     return [m.astype(np.float32) for m in maps]
 
 
+def zoomed_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
+    """Shape of a plane of ``shape`` zoomed by ``scale`` (at least :data:`MIN_IMAGE_SIDE` on each side).
+
+    Raises
+    ------
+    ValueError
+        When the zoomed plane would exceed :data:`MAX_ZOOMED_PIXELS`.
+    """
+    out = tuple(max(MIN_IMAGE_SIDE, int(round(s * scale))) for s in shape[:2])
+    if out[0] * out[1] > MAX_ZOOMED_PIXELS:
+        raise ValueError(
+            f"a scale of {scale:g} makes this {shape[0]} x {shape[1]} image {out[0]} x {out[1]} pixels, more than "
+            f"the {MAX_ZOOMED_PIXELS / 1e6:.0f} million the distance map handles: lower the scale, or segment a "
+            "crop of the image"
+        )
+    return out
+
+
+def zoom_plane(image01: np.ndarray, scale: float) -> np.ndarray:
+    """Zoom a normalised ``(M, N, 3)`` plane by ``scale`` (bilinear; anti-aliased when shrinking)."""
+    from skimage.transform import resize
+
+    shape = zoomed_shape(image01.shape[:2], scale)
+    out = resize(image01, shape + image01.shape[2:], order=1, mode="symmetric", anti_aliasing=scale < 1,
+                 preserve_range=True)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def resize_map(dmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A distance map resized (bilinear, anti-aliased when shrinking) to ``shape``, float32 in [0, 1]."""
+    from skimage.transform import resize
+
+    if dmap.shape == tuple(shape):
+        return dmap
+    shrink = dmap.shape[0] > shape[0] or dmap.shape[1] > shape[1]
+    out = resize(dmap, shape, order=1, mode="symmetric", anti_aliasing=shrink, preserve_range=True)
+    return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
+
+
+def scale_for_diameter(diameter: float, model_diameter: float) -> float:
+    """The ``DistanceConfig.scale`` that brings cells ``diameter`` pixels across to ``model_diameter``
+    (clipped to the scale's range).
+
+    >>> scale_for_diameter(80, 40)
+    0.5
+    """
+    if not (np.isfinite(diameter) and diameter > 0):
+        raise ValueError(f"the cell diameter must be a positive number of pixels, got {diameter!r}")
+    return float(np.clip(model_diameter / diameter, MIN_SCALE, MAX_SCALE))
+
+
 def predict_distance_map(
     image: np.ndarray,
     model: LoadedModel,
@@ -697,7 +768,8 @@ def predict_distance_map(
 ) -> Generator[Progress, None, np.ndarray]:
     """Predict and stitch the distance map of one plane (generator; returns ``(M, N)`` float32).
 
-    The image is padded (mirrored) to at least one crop on each side, so every
+    With ``config.scale`` other than 1 the plane is zoomed first (:func:`zoom_plane`) and the map resized
+    back to the plane's shape. The image is padded (mirrored) to at least one crop on each side, so every
     crop has the same size and scale. With window embeddings
     (``config.embed_window``) it is also padded to a multiple of the encoder's
     stride, and the crops are embedded window by window.
@@ -708,6 +780,10 @@ def predict_distance_map(
     if image01 is None:
         image01, _ = prepare_image(image, channel)
     m, n = image01.shape[:2]
+    if cfg.scale != 1:
+        zoomed = zoom_plane(image01, cfg.scale)
+        dmap = yield from predict_distance_map(None, model, cfg.updated(scale=1.0), image01=zoomed)
+        return resize_map(dmap, (m, n))
     c = cfg.crop_size
     window_side = default_embed_window(model) if cfg.embed_window is None else cfg.embed_window
     stride = window_stride(model, c) if window_side >= c else None
@@ -1589,7 +1665,7 @@ def make_config(mode: str, model: LoadedModel | None = None, **settings):
 
     A distance model's ``meta["thresholds"]`` and ``meta["crop_size"]`` are the
     defaults of distance and guided mode. ``peak``, ``fill``, ``fill_holes``,
-    ``crop_size``, ``overlap``, ``clahe``, ``smooth`` and ``embed_window`` given to guided mode go to its
+    ``crop_size``, ``overlap``, ``clahe``, ``smooth``, ``embed_window`` and ``scale`` given to guided mode go to its
     :class:`DistanceConfig`. Settings that are None are ignored.
 
     Examples
@@ -1608,7 +1684,7 @@ def make_config(mode: str, model: LoadedModel | None = None, **settings):
         return cfg.updated(**_only(DistanceConfig, settings, mode))
     if mode == "grid":
         return GridConfig().updated(**_only(GridConfig, settings, mode))
-    dist_keys = {"peak", "fill", "crop_size", "overlap", "clahe", "fill_holes", "smooth", "embed_window"}
+    dist_keys = {"peak", "fill", "crop_size", "overlap", "clahe", "fill_holes", "smooth", "embed_window", "scale"}
     dist = DistanceConfig(**defaults).updated(**{k: v for k, v in settings.items() if k in dist_keys})
     rest = {k: v for k, v in settings.items() if k not in dist_keys}
     return GuidedConfig(distance=dist).updated(**_only(GuidedConfig, rest, mode))
