@@ -19,7 +19,8 @@ flagged as optimistic). Per image kind:
 * speed: seconds of the distance mode per Usiigaci image (1022 x 1024);
 * ``--zoom rule``: the distance and guided modes run with the zoom (``DistanceConfig.scale``) of the model
   card's rule, from each image's median cell diameter and the training cells' diameters of its kind
-  (:func:`rule_zoom`; chosen on the selection images, ``--selection``).
+  (:func:`rule_zoom`; chosen on the selection images, ``--selection``); clicks answered from the map use the
+  same zoom for their map window (``AnnotationConfig.map_scale``).
 
 Run from the repository root::
 
@@ -101,10 +102,11 @@ def sample_cells(labels: np.ndarray, n: int, rng) -> list[tuple[int, tuple[int, 
 
 
 def prompt_ious(model, image, labels, cells, views: int = 1, invert: bool | None = None,
-                click_answer: str = "sam") -> dict:
+                click_answer: str = "sam", map_scale: float = 1.0) -> dict:
     from napari_cellseg.core.interactive import AnnotationConfig, InteractiveSegmenter, ObjectPrompt
 
-    seg = InteractiveSegmenter(model, config=AnnotationConfig(views=views, invert=invert, click_answer=click_answer))
+    seg = InteractiveSegmenter(model, config=AnnotationConfig(views=views, invert=invert, click_answer=click_answer,
+                                                              map_scale=map_scale))
     seg.set_image(image)
     out = {}
     for kind in ("clicks", "boxes"):
@@ -245,7 +247,8 @@ def main(argv=None) -> int:
                     row[f"{mode}_seconds_per_image"] = r["seconds"]
             if not args.no_prompts:
                 cells = sample_cells(labels, args.cells_per_image, rng)
-                ious = prompt_ious(model, image, labels, cells, args.views, INVERT[args.invert], args.click_answer)
+                ious = prompt_ious(model, image, labels, cells, args.views, INVERT[args.invert], args.click_answer,
+                                   zoom)
                 row["click_iou"], row["box_iou"] = ious["clicks"], ious["boxes"]
             rows.append(row)
             print(json.dumps({k: (round(float(np.mean(v)), 3) if isinstance(v, list) else

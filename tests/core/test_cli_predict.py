@@ -205,3 +205,29 @@ def test_missed_click_and_click_answer_options_reach_the_annotation_config(tmp_p
         with pytest.raises(SystemExit) as err:
             main(base + bad)
         assert err.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_map_scale_reaches_the_annotation_config_and_bad_zooms_are_user_errors(tmp_path, monkeypatch, capsys):
+    from napari_cellseg.core import interactive
+
+    seen = []
+
+    class Capture(interactive.InteractiveSegmenter):
+        def __init__(self, model, config=None):
+            seen.append(config.map_scale)
+            raise KeyboardInterrupt  # stop before any network work
+
+    monkeypatch.setattr(interactive, "InteractiveSegmenter", Capture)
+    image, _ = make_cells((64, 64), n=2, seed=0)
+    tifffile.imwrite(tmp_path / "c.tif", (image * 1000).astype(np.uint16))
+    base = ["predict", str(tmp_path / "c.tif"), "--model", "litemedsam", "--device", "cpu", "--point", "20", "20",
+            "--out", str(tmp_path / "o.tif")]
+    for extra, want in (([], 1.0), (["--map-scale", "0.5"], 0.5)):
+        try:
+            main(base + extra)
+        except (KeyboardInterrupt, SystemExit):
+            pass
+        assert seen[-1] == want
+    assert main(base + ["--map-scale", "8"]) == 2
+    assert "map_scale must be a zoom between 0.25 and 4, got 8.0" in capsys.readouterr().err
+    assert len(seen) == 2  # refused before the segmenter is built

@@ -679,6 +679,34 @@ def test_a_click_becomes_the_grown_box_of_its_map_cell(map_model, image):
     assert other.box[0] < 200 < 240 < other.box[2] and len(calls) == 2
 
 
+def test_map_zoom_widens_the_click_window_and_reaches_the_map(map_model, image, monkeypatch):
+    """map_scale 0.5: the click's window covers twice the crop size (clipped to the plane), the distance map
+    is asked for that zoom, and the cell comes back in image pixels; maps of other zooms are not reused."""
+    from napari_cellseg.core import automatic as auto
+
+    model, calls = map_model
+    scales = []
+    fake = auto.predict_distance_map
+
+    def spy(image_, model_, config=None, channel=None, image01=None):
+        scales.append(config.scale)
+        return fake(image_, model_, config, channel, image01)
+
+    monkeypatch.setattr(auto, "predict_distance_map", spy)
+    seg = InteractiveSegmenter(model, config=AnnotationConfig(map_scale=0.5))
+    seg.set_image(image)
+    (guided,) = seg.guide_clicks([ObjectPrompt(points=[[60, 75]])])
+    assert calls == [(300, 260)] and scales == [0.5]  # a 512 px window, clipped to the 300 x 260 plane
+    cell = (41, 51, 79, 99)
+    mr, mc = 0.1 * (cell[2] - cell[0]), 0.1 * (cell[3] - cell[1])
+    np.testing.assert_allclose(guided.box, [cell[0] - mr, cell[1] - mc, cell[2] + mr, cell[3] + mc], atol=1.01)
+    seg.config = AnnotationConfig(map_scale=2.0)
+    seg.guide_clicks([ObjectPrompt(points=[[60, 75]])])
+    assert calls[1] == (128, 128) and scales[1] == 2.0  # 256 / 2 px around the click, not the 0.5 map
+    with pytest.raises(ValueError, match="map_scale must be a zoom between 0.25 and 4"):
+        AnnotationConfig(map_scale=0)
+
+
 def test_click_answer_map_answers_with_the_map_cell_unless_negative_points_come_with_it(map_model, image):
     """click_answer="map": the map cell itself, without an embedding; with negative points SAM draws from the
     cell's box. The default, click_answer="sam", always sends the box to SAM."""

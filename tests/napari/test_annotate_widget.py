@@ -473,7 +473,13 @@ def test_a_click_is_answered_from_the_cell_map_of_a_distance_model(setup, qtbot,
     assert obj.window.contains(_bbox(labels, 3)) and calls == [False]  # the map was cached
     assert len(widget.cache) == 0  # no embedding: the answer is the map cell
     widget.map_cell_check.setChecked(False)
+    widget.map_scale_spin.setValue(0.5)  # the map zoom: a new map, in the worker, for the same click
+    assert widget.config.map_scale == 0.5
+    qtbot.waitUntil(lambda: _preview_ready(widget) and len(calls) == 2, timeout=TIMEOUT)
+    assert calls == [False, False]
+    (obj,) = widget._current
+    assert obj.window.contains(_bbox(labels, 3))
     widget.map_check.setChecked(False)
     assert not widget.config.clicks_from_map
     qtbot.waitUntil(lambda: _preview_ready(widget), timeout=TIMEOUT)
-    assert calls == [False]
+    assert calls == [False, False]

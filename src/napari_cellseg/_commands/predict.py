@@ -64,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--click-answer", choices=["sam", "map"], default="sam",
                         help="a click the cell map finds a cell for: SAM's drawing from the cell's box (default, as "
                              "in the widget) or the map cell itself (faster; clicks with --neg-point still go to SAM)")
+    parser.add_argument("--map-scale", type=float, default=1.0, metavar="ZOOM",
+                        help="zoom of a click's map window before the model sees it (0.25-4; 1: as it is): below 1 "
+                             "for cells much larger than the model's training cells, above 1 for tiny ones, as "
+                             "segment --scale")
     parser.add_argument("--missed-click", choices=["box", "point"], default="box",
                         help="a click on which the cell map sees no cell: a box of the typical cell size centred on "
                              "it (default, as in the widget) or the click as a point")
@@ -141,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     model = models.load_model(name, device=args.device, precision=args.precision)
     config = AnnotationConfig(zoom="auto" if args.zoom else "off", mask_threshold=args.mask_threshold,
                               clicks_from_map=not args.no_map_clicks, missed_click=args.missed_click,
-                              click_answer=args.click_answer,
+                              click_answer=args.click_answer, map_scale=args.map_scale,
                               views=args.views,
                               invert={"auto": None, "on": True, "off": False}[args.invert])
     segmenter = InteractiveSegmenter(model, config=config)

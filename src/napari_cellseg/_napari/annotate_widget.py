@@ -251,6 +251,18 @@ class AnnotationWidget(QWidget):
             "cached embedding."
         )
         self.threshold_spin.valueChanged.connect(self._on_settings_changed)
+        self.map_scale_spin = QDoubleSpinBox()
+        self.map_scale_spin.setRange(0.25, 4.0)
+        self.map_scale_spin.setSingleStep(0.25)
+        self.map_scale_spin.setDecimals(2)
+        self.map_scale_spin.setValue(1.0)
+        self.map_scale_spin.setSuffix(" x")
+        self.map_scale_spin.setToolTip(
+            "Clicks from the cell map: zoom of the map window before the model sees it, as the automatic "
+            "widget's Zoom. Below 1 for cells much larger than the model's training cells (its map splits them: "
+            "e.g. 0.5 for fluorescent nuclei 40 px or more across), above 1 for tiny ones (docs/annotation.md)."
+        )
+        self.map_scale_spin.valueChanged.connect(self._on_settings_changed)
         self.views_combo = QComboBox()
         self.views_combo.addItem("auto (8 for LiteMedSAM-sized models on a GPU, else 1)", None)
         for n in VIEW_COUNTS:
@@ -325,6 +337,7 @@ class AnnotationWidget(QWidget):
         form.addRow("Model", self.model_label)
         form.addRow("Target labels", self.target_combo)
         form.addRow("Mask threshold", self.threshold_spin)
+        form.addRow("Map zoom", self.map_scale_spin)
         form.addRow("Orientations", self.views_combo)
         form.addRow("Inverted contrast", self.invert_combo)
         prompts_row = QHBoxLayout()
@@ -704,6 +717,7 @@ class AnnotationWidget(QWidget):
                               disk_cache=self.disk_check.isChecked(),
                               clicks_from_map=self.map_check.isChecked(),
                               click_answer="map" if self.map_cell_check.isChecked() else "sam",
+                              map_scale=float(self.map_scale_spin.value()),
                               mask_threshold=self._threshold_value(),
                               views=self.views_combo.currentData(),
                               invert=self.invert_combo.currentData())

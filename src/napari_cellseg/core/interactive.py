@@ -191,6 +191,13 @@ class AnnotationConfig:
         (docs/annotation.md): the map cell is better on images like its
         training data (click IoU +0.07), SAM on a nucleus group it never saw
         (0.70 against 0.61); after fine-tuning on that group both give 0.77.
+    map_scale : float
+        Zoom of the click's map window before the distance model sees it
+        (0.25-4; 1: as it is), as ``DistanceConfig.scale`` in the automatic
+        modes: below 1 for cells much larger than the model's training cells
+        (which its map splits), above 1 for tiny ones. The window covers the
+        model's crop size divided by the zoom (512 image pixels at 0.5), so
+        the model still sees its training crop size.
     missed_click : {"box", "point"}
         A click (answered from the map) on which the map sees no cell:
         ``"box"`` gives SAM a square box centred on the click, the size of the
@@ -245,6 +252,7 @@ class AnnotationConfig:
     clicks_from_map: bool = True
     map_radius: int = 4
     click_answer: str = "sam"
+    map_scale: float = 1.0
     missed_click: str = "box"
     views: int | None = None
     invert: bool | None = None
@@ -262,6 +270,12 @@ class AnnotationConfig:
             raise ValueError("max_memory_mb must be >= 0")
         if int(self.map_radius) < 0:
             raise ValueError(f"map_radius must be >= 0 pixels, got {self.map_radius}")
+        from .automatic import MAX_SCALE, MIN_SCALE
+
+        if not (isinstance(self.map_scale, (int, float)) and not isinstance(self.map_scale, bool)
+                and np.isfinite(self.map_scale) and MIN_SCALE <= self.map_scale <= MAX_SCALE):
+            raise ValueError(f"map_scale must be a zoom between {MIN_SCALE:g} and {MAX_SCALE:g}, "
+                             f"got {self.map_scale!r}")
         if self.click_answer not in ("map", "sam"):
             raise ValueError(f"click_answer must be 'sam' or 'map', got {self.click_answer!r}")
         if self.missed_click not in ("box", "point"):
@@ -1297,14 +1311,14 @@ class InteractiveSegmenter:
     def _map_config(self):
         from .automatic import DistanceConfig, model_distance_defaults
 
-        return DistanceConfig(**model_distance_defaults(self.model))
+        return DistanceConfig(**model_distance_defaults(self.model), scale=float(self.config.map_scale))
 
     def _map_key(self, window: Window) -> tuple:
-        return (self.image_key, self.model_key, self.norm_key, window)
+        return (self.image_key, self.model_key, self.norm_key, float(self.config.map_scale), window)
 
     def _cached_map_windows(self) -> list[Window]:
-        group = (self.image_key, self.model_key, self.norm_key)
-        return [k[3] for k in self._maps if k[:3] == group]
+        group = (self.image_key, self.model_key, self.norm_key, float(self.config.map_scale))
+        return [k[4] for k in self._maps if k[:4] == group]
 
     def map_window(self, point, candidates: Iterable[Window] = ()) -> Window:
         """The window whose cell map answers a click at ``point`` (row, col).
@@ -1314,7 +1328,8 @@ class InteractiveSegmenter:
         new window of the model's crop size centred on the click.
         """
         shape = self.image_shape
-        side = int(self._map_config().crop_size)
+        cfg = self._map_config()
+        side = int(round(cfg.crop_size / cfg.scale))
         r, c = float(point[0]), float(point[1])
         room = side / 4
         for w in sorted(candidates, key=lambda w: w.as_tuple()):
