@@ -259,8 +259,10 @@ class AnnotationWidget(QWidget):
         self.map_scale_spin.setSuffix(" x")
         self.map_scale_spin.setToolTip(
             "Clicks from the cell map: zoom of the map window before the model sees it, as the automatic "
-            "widget's Zoom. Below 1 for cells much larger than the model's training cells (its map splits them: "
-            "e.g. 0.5 for fluorescent nuclei 40 px or more across), above 1 for tiny ones (docs/annotation.md)."
+            "widget's Zoom. Below 1 for cells much larger than the model's training cells (its map splits them), "
+            "above 1 for tiny ones. The default model's training cells: nuclei 9-31 px across (median 20), "
+            "phase-contrast cells 32-83 px (median 54); outside that range zoom by median / your diameter "
+            "(docs/model_card.md)."
         )
         self.map_scale_spin.valueChanged.connect(self._on_settings_changed)
         self.views_combo = QComboBox()
