@@ -135,14 +135,16 @@ def test_without_model_segment_uses_the_catalogue_default(tmp_path, tiny_checkpo
     assert tifffile.imread(tmp_path / "out" / "img_labels.tif").shape == (64, 64)
 
 
-def test_embed_window_reaches_the_distance_configuration(tmp_path, monkeypatch, capsys):
+def _distance_run(tmp_path, monkeypatch, setting: str):
+    """(command line of a distance run on a tiny TinyViT checkpoint, the ``setting`` of each distance
+    configuration the segmentation asks for)."""
     from napari_cellseg.core import automatic as auto
 
     seen = []
     real = auto.predict_distance_map
 
     def spy(image, model, config=None, *args, **kwargs):
-        seen.append(config.embed_window)
+        seen.append(getattr(config, setting))
         return real(image, model, config, *args, **kwargs)
 
     monkeypatch.setattr(auto, "predict_distance_map", spy)
@@ -150,7 +152,11 @@ def test_embed_window_reaches_the_distance_configuration(tmp_path, monkeypatch, 
     tifffile.imwrite(src, _image(3, (70, 60)))
     ckpt = tmp_path / "tiny.pt"
     torch.save(models.build_sam("tinyvit_test").state_dict(), ckpt)
-    base = ["segment", str(src), "--model", str(ckpt), "--output", "distance", "--device", "cpu"]
+    return ["segment", str(src), "--model", str(ckpt), "--output", "distance", "--device", "cpu"], seen
+
+
+def test_embed_window_reaches_the_distance_configuration(tmp_path, monkeypatch, capsys):
+    base, seen = _distance_run(tmp_path, monkeypatch, "embed_window")
     assert main([*base, "--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
     assert main([*base, "--embed-window", "0", "--out", str(tmp_path / "b")]) == 0, capsys.readouterr().err
     assert seen == [None, 0]
@@ -161,21 +167,7 @@ def test_embed_window_reaches_the_distance_configuration(tmp_path, monkeypatch, 
 
 
 def test_scale_reaches_the_distance_configuration_and_bad_zooms_are_user_errors(tmp_path, monkeypatch, capsys):
-    from napari_cellseg.core import automatic as auto
-
-    seen = []
-    real = auto.predict_distance_map
-
-    def spy(image, model, config=None, *args, **kwargs):
-        seen.append(config.scale)
-        return real(image, model, config, *args, **kwargs)
-
-    monkeypatch.setattr(auto, "predict_distance_map", spy)
-    src = tmp_path / "img.tif"
-    tifffile.imwrite(src, _image(3, (70, 60)))
-    ckpt = tmp_path / "tiny.pt"
-    torch.save(models.build_sam("tinyvit_test").state_dict(), ckpt)
-    base = ["segment", str(src), "--model", str(ckpt), "--output", "distance", "--device", "cpu"]
+    base, seen = _distance_run(tmp_path, monkeypatch, "scale")
     assert main([*base, "--scale", "0.5", "--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
     assert seen[0] == 0.5  # the call of the segmentation (the zoomed plane is then mapped at scale 1)
     assert tifffile.imread(tmp_path / "a" / "img_labels.tif").shape == (70, 60)

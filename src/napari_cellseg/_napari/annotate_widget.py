@@ -44,6 +44,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_cellseg._napari._controls import zoom_spin_box
 from napari_cellseg._napari.session import session_for
 from napari_cellseg.core.interactive import (
     AnnotationConfig,
@@ -251,13 +252,7 @@ class AnnotationWidget(QWidget):
             "cached embedding."
         )
         self.threshold_spin.valueChanged.connect(self._on_settings_changed)
-        self.map_scale_spin = QDoubleSpinBox()
-        self.map_scale_spin.setRange(0.25, 4.0)
-        self.map_scale_spin.setSingleStep(0.25)
-        self.map_scale_spin.setDecimals(2)
-        self.map_scale_spin.setValue(1.0)
-        self.map_scale_spin.setSuffix(" x")
-        self.map_scale_spin.setToolTip(
+        self.map_scale_spin = zoom_spin_box(
             "Clicks from the cell map: zoom of the map window before the model sees it, as the automatic "
             "widget's Zoom. Below 1 for cells much larger than the model's training cells (its map splits them), "
             "above 1 for tiny ones. The default model's training cells: nuclei 9-31 px across (median 20), "

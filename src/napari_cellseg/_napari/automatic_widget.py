@@ -25,7 +25,6 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -38,6 +37,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_cellseg._napari.session import session_for
+from napari_cellseg._napari._controls import zoom_spin_box
 from napari_cellseg.core import automatic as auto
 from napari_cellseg.core.cpu_memory import reuse_freed_memory
 from napari_cellseg.core.preprocess import VIEW_COUNTS
@@ -201,13 +201,7 @@ class AutomaticWidget(QWidget):
         self.max_area_spin.setToolTip("Grid mode: masks larger than this share of the image are dropped when the "
                                       "network runs (CellSeg1: 10%); raise it for images of a few large cells")
         form.addRow("Max mask area", self.max_area_spin)
-        self.scale_spin = QDoubleSpinBox()
-        self.scale_spin.setRange(auto.MIN_SCALE, auto.MAX_SCALE)
-        self.scale_spin.setSingleStep(0.25)
-        self.scale_spin.setDecimals(2)
-        self.scale_spin.setValue(1.0)
-        self.scale_spin.setSuffix(" x")
-        self.scale_spin.setToolTip(
+        self.scale_spin = zoom_spin_box(
             "Distance and guided modes: zoom of the image before the distance model sees it (the labels stay at "
             "the image's size). The model splits cells much larger than its training cells and misses much "
             "smaller ones. The default model's training cells: nuclei 9-31 px across (median 20), phase-contrast "
