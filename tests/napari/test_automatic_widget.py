@@ -140,6 +140,11 @@ def test_zoom_reaches_the_distance_map_and_the_labels_keep_the_image_size(setup,
     assert widget._results[0].distance_map.shape == (120, 100)
     # the 120 x 100 image was zoomed to 300 x 250: more than one 256 px crop
     assert len(seen) > 1 and all(shape == (256, 256) for shape in seen)
+    n = len(seen)
+    widget.scale_spin.setValue(0.5)  # a new zoom is not applied until Run: the status says so
+    assert "press Run to map the image at zoom 0.5" in widget.status.text() and len(seen) == n
+    widget.scale_spin.setValue(2.5)
+    assert "press Run" not in widget.status.text()
     _select_mode(widget, "grid")
     assert not widget.scale_spin.isEnabled() and "scale" not in widget.thresholds()
 

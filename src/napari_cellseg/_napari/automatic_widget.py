@@ -132,6 +132,7 @@ class AutomaticWidget(QWidget):
         self._planes: list[tuple[int, ...]] = []
         self._source = None  # the image layer of the cached results
         self._mode_of_results = ""
+        self._scale_of_run = 1.0  # the zoom of the run in flight, then of the results shown
         self._outputs: dict[tuple[int, str], Labels] = {}
         self.last_relabel_ms = 0.0
         self._relabel_timer = QTimer(self)
@@ -207,6 +208,7 @@ class AutomaticWidget(QWidget):
             "smaller ones. The default model's training cells: nuclei 9-31 px across (median 20), phase-contrast "
             "cells 32-83 px (median 54). Outside that range zoom by median / your diameter (0.43 for nuclei 47 px "
             "across: held-out AP@0.5 0.55 -> 0.79). Press Run after changing it; see docs/model_card.md")
+        self.scale_spin.valueChanged.connect(self._on_zoom_changed)
         form.addRow("Zoom", self.scale_spin)
         self.sliders: dict[str, _FloatSlider] = {}
         self._slider_rows: dict[str, tuple[QLabel, _FloatSlider]] = {}
@@ -391,6 +393,7 @@ class AutomaticWidget(QWidget):
             show_error(f"Automatic segmentation: could not read the image ({exc})")
             return
         settings = self.thresholds()
+        self._scale_of_run = settings.get("scale", 1.0)
         at_defaults = all(abs(settings.get(k, SLIDERS[k][1]) - SLIDERS[k][1]) < 1e-9 for k in ("peak", "fill"))
         worker = thread_worker(
             _segment_planes,
@@ -509,6 +512,13 @@ class AutomaticWidget(QWidget):
     def _on_slider(self, *_) -> None:
         if self._results:
             self._relabel_timer.start()
+
+    def _on_zoom_changed(self, value: float) -> None:
+        """A new zoom needs a new map: say so (the sliders keep working on the last run's map)."""
+        if self._results and self._worker is None and self._mode_of_results != "grid":
+            note = "" if abs(value - self._scale_of_run) < 1e-9 else (
+                f" (zoom {self._scale_of_run:g} - press Run to map the image at zoom {value:g})")
+            self.status.setText(self._summary() + note)
 
     def apply_thresholds(self) -> float:
         """Re-apply the sliders to the cached results (no network) and update the layer; returns ms."""
