@@ -36,8 +36,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_cellseg._napari.session import session_for
 from napari_cellseg._napari._controls import zoom_spin_box
+from napari_cellseg._napari.session import session_for
 from napari_cellseg.core import automatic as auto
 from napari_cellseg.core.cpu_memory import reuse_freed_memory
 from napari_cellseg.core.preprocess import VIEW_COUNTS

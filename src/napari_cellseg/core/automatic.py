@@ -231,9 +231,7 @@ class DistanceConfig(_Config):
 
     def validate(self) -> None:
         pp.check_thresholds(self.peak, self.fill)
-        if not (isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool)
-                and np.isfinite(self.scale) and MIN_SCALE <= self.scale <= MAX_SCALE):
-            raise ValueError(f"scale must be a zoom between {MIN_SCALE:g} and {MAX_SCALE:g}, got {self.scale!r}")
+        check_scale("scale", self.scale)
         if not (np.isfinite(self.smooth) and 0 <= self.smooth <= 20):
             raise ValueError(f"smooth must be a sigma between 0 and 20 pixels, got {self.smooth}")
         _check_int("min_size", self.min_size, 0)
@@ -708,6 +706,13 @@ def window_distance_maps(model: LoadedModel, window01: np.ndarray, offsets: list
     return [m.astype(np.float32) for m in maps]
 
 
+def check_scale(name: str, value) -> None:
+    """Raise a ValueError unless ``value`` is a zoom in [:data:`MIN_SCALE`, :data:`MAX_SCALE`]."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and np.isfinite(value) and MIN_SCALE <= value <= MAX_SCALE):
+        raise ValueError(f"{name} must be a zoom between {MIN_SCALE:g} and {MAX_SCALE:g}, got {value!r}")
+
+
 def zoomed_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
     """Shape of a plane of ``shape`` zoomed by ``scale`` (at least :data:`MIN_IMAGE_SIDE` on each side).
 
@@ -731,9 +736,9 @@ def zoom_plane(image01: np.ndarray, scale: float) -> np.ndarray:
     from skimage.transform import resize
 
     shape = zoomed_shape(image01.shape[:2], scale)
-    out = resize(image01, shape + image01.shape[2:], order=1, mode="symmetric", anti_aliasing=scale < 1,
-                 preserve_range=True)
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    out = resize(image01.astype(np.float32, copy=False), shape + image01.shape[2:], order=1, mode="symmetric",
+                 anti_aliasing=scale < 1, preserve_range=True)  # float32 in, float32 out
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def resize_map(dmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -743,8 +748,9 @@ def resize_map(dmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if dmap.shape == tuple(shape):
         return dmap
     shrink = dmap.shape[0] > shape[0] or dmap.shape[1] > shape[1]
-    out = resize(dmap, shape, order=1, mode="symmetric", anti_aliasing=shrink, preserve_range=True)
-    return np.ascontiguousarray(np.clip(out, 0.0, 1.0), dtype=np.float32)
+    out = resize(dmap.astype(np.float32, copy=False), shape, order=1, mode="symmetric", anti_aliasing=shrink,
+                 preserve_range=True)  # float32 in, float32 out
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def scale_for_diameter(diameter: float, model_diameter: float) -> float:

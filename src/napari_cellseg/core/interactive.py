@@ -270,12 +270,9 @@ class AnnotationConfig:
             raise ValueError("max_memory_mb must be >= 0")
         if int(self.map_radius) < 0:
             raise ValueError(f"map_radius must be >= 0 pixels, got {self.map_radius}")
-        from .automatic import MAX_SCALE, MIN_SCALE
+        from .automatic import check_scale
 
-        if not (isinstance(self.map_scale, (int, float)) and not isinstance(self.map_scale, bool)
-                and np.isfinite(self.map_scale) and MIN_SCALE <= self.map_scale <= MAX_SCALE):
-            raise ValueError(f"map_scale must be a zoom between {MIN_SCALE:g} and {MAX_SCALE:g}, "
-                             f"got {self.map_scale!r}")
+        check_scale("map_scale", self.map_scale)
         if self.click_answer not in ("map", "sam"):
             raise ValueError(f"click_answer must be 'sam' or 'map', got {self.click_answer!r}")
         if self.missed_click not in ("box", "point"):
@@ -1313,19 +1310,23 @@ class InteractiveSegmenter:
 
         return DistanceConfig(**model_distance_defaults(self.model), scale=float(self.config.map_scale))
 
+    def _map_group(self) -> tuple:
+        """What a cached map depends on besides its window: plane, model, normalisation and zoom."""
+        return (self.image_key, self.model_key, self.norm_key, float(self.config.map_scale))
+
     def _map_key(self, window: Window) -> tuple:
-        return (self.image_key, self.model_key, self.norm_key, float(self.config.map_scale), window)
+        return (*self._map_group(), window)
 
     def _cached_map_windows(self) -> list[Window]:
-        group = (self.image_key, self.model_key, self.norm_key, float(self.config.map_scale))
-        return [k[4] for k in self._maps if k[:4] == group]
+        group = self._map_group()
+        return [k[-1] for k in self._maps if k[:-1] == group]
 
     def map_window(self, point, candidates: Iterable[Window] = ()) -> Window:
         """The window whose cell map answers a click at ``point`` (row, col).
 
         A candidate (cached) window is reused when the click lies at least a
         quarter of its side from each of its edges inside the plane; else a
-        new window of the model's crop size centred on the click.
+        new window of the model's crop size over ``map_scale`` centred on the click.
         """
         shape = self.image_shape
         cfg = self._map_config()
