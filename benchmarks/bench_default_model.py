@@ -20,7 +20,8 @@ flagged as optimistic). Per image kind:
 * ``--zoom rule``: the distance and guided modes run with the zoom (``DistanceConfig.scale``) of the model
   card's rule, from each image's median cell diameter and the training cells' diameters of its kind
   (:func:`rule_zoom`; chosen on the selection images, ``--selection``); clicks answered from the map use the
-  same zoom for their map window (``AnnotationConfig.map_scale``).
+  same zoom for their map window (``AnnotationConfig.map_scale``). ``--zoom auto``: the same rule on the cells
+  a first pass at zoom 1 finds (``DistanceConfig(scale="auto")``, what a user without a measurement gets).
 
 Run from the repository root::
 
@@ -122,15 +123,15 @@ def prompt_ious(model, image, labels, cells, views: int = 1, invert: bool | None
     return out
 
 
-def rule_zoom(labels: np.ndarray, kind: str, table: dict) -> float:
-    """The model card's zoom rule: 1 while the image's median cell diameter lies within the training cells'
-    10th-90th percentiles of its kind, else the zoom that brings it to their median (the ground truth's
-    diameter stands in for the user's measurement of a few cells)."""
-    from napari_cellseg.core.automatic import scale_for_diameter
+def rule_zoom(model, image, labels) -> float:
+    """The model card's zoom rule (:func:`napari_cellseg.core.cell_size.estimate_scale`) with the image's
+    ground-truth cells standing in for the user's measurement of a few cells: 1 while their median diameter
+    lies within the model's training cells' 10th-90th percentiles for the image's kind, else the zoom that
+    brings it to their median. ``--zoom auto`` measures the cells a first pass at zoom 1 finds instead."""
+    from napari_cellseg.core import cell_size
+    from napari_cellseg.core.preprocess import normalize_image
 
-    d = float(np.median(datasets.cell_diameters(labels)))
-    t = table[kind]
-    return 1.0 if t["p10"] <= d <= t["p90"] else round(scale_for_diameter(d, t["median"]), 2)
+    return cell_size.estimate_scale(labels, normalize_image(image), cell_size.model_cell_sizes(model.meta)).scale
 
 
 def automatic(model, image, labels, mode: str, scale: float = 1.0) -> dict:
@@ -142,7 +143,10 @@ def automatic(model, image, labels, mode: str, scale: float = 1.0) -> dict:
     res = auto.segment(image, model, mode=mode, config=config)
     seconds = time.perf_counter() - t
     s50, s75 = average_precision(labels, res.labels, (0.5, 0.75))
-    return {"ap50": s50.ap, "ap75": s75.ap, "seconds": seconds, "n_pred": int(res.n_cells)}
+    out = {"ap50": s50.ap, "ap75": s75.ap, "seconds": seconds, "n_pred": int(res.n_cells)}
+    if res.size_estimate is not None:
+        out["zoom"] = res.size_estimate.scale
+    return out
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -205,9 +209,11 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-decoder", choices=["auto", "float32"], default="auto",
                    help="arithmetic of the batch prompt decoder of the grid and guided modes: the model's precision "
                         "(auto, the default) or float32 whatever the precision (the setting before 2026-12-01)")
-    p.add_argument("--zoom", choices=["none", "rule"], default="none",
-                   help="distance and guided modes: run at the image's own scale (none) or zoomed by the model "
-                        "card's rule from the cell diameter (rule: see rule_zoom)")
+    p.add_argument("--zoom", choices=["none", "rule", "auto"], default="none",
+                   help="distance and guided modes: run at the image's own scale (none), zoomed by the model "
+                        "card's rule from the ground truth's cell diameter (rule: see rule_zoom), or with the "
+                        "zoom estimated from a first pass at zoom 1 (auto: DistanceConfig(scale='auto'); clicks "
+                        "use the distance mode's estimate)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -222,9 +228,6 @@ def main(argv=None) -> int:
     auto.PROMPTS_FOLLOW_PRECISION = args.prompt_decoder == "auto"
     items = (selection_images() if args.selection
              else validation_images([int(x) for x in args.usiigaci.split(",") if x], args.dsb_per_kind))
-    table = datasets.training_diameters() if args.zoom == "rule" else None
-    if table:
-        print(f"training cell diameters: {json.dumps(table)}", file=sys.stderr, flush=True)
     rows = []
     for name in args.models:
         model = load_model(name, device="cpu")
@@ -232,8 +235,8 @@ def main(argv=None) -> int:
             image, labels = load(item)
             rng = np.random.default_rng(0)
             row = {"model": name, "kind": item["kind"], "image": item["name"]}
-            zoom = rule_zoom(labels, item["kind"], table) if table else 1.0
-            if table:
+            zoom = {"none": 1.0, "auto": "auto"}.get(args.zoom) or rule_zoom(model, image, labels)
+            if args.zoom == "rule":
                 row["zoom"] = zoom
             for mode in args.modes:
                 if mode in ("distance", "guided") and not auto.is_distance_model(model):
@@ -243,10 +246,14 @@ def main(argv=None) -> int:
                     continue
                 r = automatic(model, image, labels, mode, zoom if mode != "grid" else 1.0)
                 row[f"{mode}_ap50"], row[f"{mode}_ap75"] = r["ap50"], r["ap75"]
+                if "zoom" in r:
+                    row[f"{mode}_zoom"] = r["zoom"]
                 if item["kind"] == "phase":
                     row[f"{mode}_seconds_per_image"] = r["seconds"]
             if not args.no_prompts:
                 cells = sample_cells(labels, args.cells_per_image, rng)
+                if zoom == "auto":  # the distance mode's estimate, else a pass to make one
+                    zoom = row.get("distance_zoom") or automatic(model, image, labels, "distance", "auto")["zoom"]
                 ious = prompt_ious(model, image, labels, cells, args.views, INVERT[args.invert], args.click_answer,
                                    zoom)
                 row["click_iou"], row["box_iou"] = ious["clicks"], ious["boxes"]

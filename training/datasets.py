@@ -101,26 +101,19 @@ def dsb_pair(name: str) -> tuple[np.ndarray, np.ndarray]:
     return tifffile.imread(DSB / "images" / name), tifffile.imread(DSB / "masks" / name)
 
 
-def cell_diameters(labels: np.ndarray) -> np.ndarray:
-    """Equivalent diameter (pixels) of each cell of a label image: ``sqrt(4 area / pi)``."""
-    areas = np.bincount(np.asarray(labels).ravel())[1:]
-    return np.sqrt(4 * areas[areas > 0] / np.pi)
-
-
-def training_diameters() -> dict[str, dict[str, float]]:
-    """Per image kind (``phase`` for Usiigaci), the 10th, 50th and 90th percentiles of the training cells'
-    diameters, over every cell of the training split: the sizes the default model was trained on."""
-    import tifffile
+def training_size_table() -> dict[str, dict[str, float]]:
+    """The default model's ``meta["cell_diameters"]``: per image kind (as
+    :func:`napari_cellseg.core.cell_size.image_kind` sees it from the normalised image: Usiigaci images are
+    ``phase``), the 10th, 50th and 90th percentiles of the training split's cell diameters, and ``all``."""
+    from napari_cellseg.core.cell_size import cell_diameters, image_kind, size_table
+    from napari_cellseg.core.preprocess import normalize_image
 
     cells: dict[str, list[np.ndarray]] = {}
     for r in dsb_index():
         if r["split"] == "train":
-            cells.setdefault(r["kind"], []).append(cell_diameters(tifffile.imread(DSB / "masks" / r["file"])))
+            image, labels = dsb_pair(r["file"])
+            cells.setdefault(image_kind(normalize_image(image)), []).append(cell_diameters(labels))
     for k in USIIGACI_TRAIN:
-        cells.setdefault("phase", []).append(
-            cell_diameters(tifffile.imread(USIIGACI / "masks" / f"train_set{k}.tif")))
-    out = {}
-    for kind, parts in sorted(cells.items()):
-        p10, p50, p90 = np.percentile(np.concatenate(parts), [10, 50, 90])
-        out[kind] = {"p10": round(float(p10), 1), "median": round(float(p50), 1), "p90": round(float(p90), 1)}
-    return out
+        image, labels = usiigaci_pair(k)
+        cells.setdefault(image_kind(normalize_image(image)), []).append(cell_diameters(labels))
+    return size_table(cells)

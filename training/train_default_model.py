@@ -134,6 +134,22 @@ def tune_distance_defaults(adapter_path: Path) -> dict:
     return meta["thresholds"]
 
 
+def record_cell_sizes(adapter_path: Path) -> dict:
+    """Write the training split's cell diameters per image kind into the adapter's JSON
+    (``meta["cell_diameters"]``, :func:`datasets.training_size_table`): the sizes the automatic zoom
+    (``DistanceConfig(scale="auto")``) compares an image's cells with."""
+    table = datasets.training_size_table()
+    js = adapter_path.with_suffix(".json")
+    meta = json.loads(js.read_text())
+    meta["cell_diameters"] = table
+    tmp = js.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(js)
+    print("training cell diameters (p10 / median / p90 px): " + "; ".join(
+        f"{k} {v['p10']:g} / {v['median']:g} / {v['p90']:g} ({v['cells']} cells)" for k, v in table.items()))
+    return table
+
+
 def package_adapter(path: Path, name: str) -> None:
     """Rewrite a trained adapter as the packaged model: keep LiteMedSAM's prompt pathway, fix its name.
 
@@ -290,6 +306,9 @@ def main(argv=None) -> int:
                    help="continued stage: also train LoRA in the last N attention blocks of the distance encoder")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank with --encoder-lora-blocks")
     p.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA peak learning rate with --encoder-lora-blocks")
+    p.add_argument("--sizes-only", action="store_true",
+                   help="only record the training cells' diameters per image kind in the adapter in --out "
+                        "(meta['cell_diameters'], read by the automatic zoom; no training)")
     p.add_argument("--tune-only", action="store_true",
                    help="only choose the distance-mode defaults of the adapter in --out (no training)")
     args = p.parse_args(argv)
@@ -299,6 +318,9 @@ def main(argv=None) -> int:
         return 0
     if args.tune_only:
         tune_distance_defaults(Path(args.out) / f"{args.name}.safetensors")
+        return 0
+    if args.sizes_only:
+        record_cell_sizes(Path(args.out) / f"{args.name}.safetensors")
         return 0
 
     import torch
@@ -311,6 +333,7 @@ def main(argv=None) -> int:
     if args.continue_minutes:
         path = continue_distance(args)
         tune_distance_defaults(path)
+        record_cell_sizes(path)
         print(f"\nsaved {path} ({path.stat().st_size / 1e6:.1f} MB), sha256 {file_hash(path)}")
         return 0
     work = Path(args.work)
@@ -324,6 +347,7 @@ def main(argv=None) -> int:
     path = train_and_stage(load_model("litemedsam", device="cpu"), data, cfg, args, "train")
     package_adapter(path, args.name)
     tune_distance_defaults(path)
+    record_cell_sizes(path)
     meta = json.loads(path.with_suffix(".json").read_text())
     print(f"\nsaved {path} ({path.stat().st_size / 1e6:.1f} MB), sha256 {file_hash(path)}")
     print(json.dumps(meta["metrics"], indent=1))

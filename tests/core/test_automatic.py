@@ -374,9 +374,13 @@ def test_scale_one_is_the_unzoomed_map_and_zooming_round_trips_a_smooth_map(monk
 
 
 def test_scale_is_checked_and_huge_zooms_are_refused(distance_model):
-    for bad in (0, 0.1, 5, float("nan"), "auto", True):
+    for bad in (0, 0.1, 5, float("nan"), "big", True):
         with pytest.raises(ValueError, match="scale must be a zoom between 0.25 and 4"):
             auto.DistanceConfig(scale=bad).validate()
+    auto.DistanceConfig(scale="auto").validate()
+    with pytest.raises(ValueError, match="predict_distance_map needs a numeric scale"):
+        next(auto.predict_distance_map(np.ones((64, 64)), distance_model, auto.DistanceConfig(scale="auto")))
+    assert auto.largest_scale((1000, 1000)) == auto.MAX_SCALE and auto.largest_scale((10000, 10000)) == 1.0
     with pytest.raises(ValueError, match="grid mode has no setting scale"):
         auto.make_config("grid", scale=0.5)
     assert auto.make_config("distance", distance_model, scale=2).scale == 2
@@ -386,6 +390,45 @@ def test_scale_is_checked_and_huge_zooms_are_refused(distance_model):
     assert auto.scale_for_diameter(80, 40) == 0.5 and auto.scale_for_diameter(2, 40) == auto.MAX_SCALE
     with pytest.raises(ValueError, match="positive number of pixels"):
         auto.scale_for_diameter(0, 40)
+
+
+def test_auto_scale_measures_again_after_each_zoom_and_stops_after_three_maps(distance_model, monkeypatch):
+    """A model that splits large cells measures them too small at first: the auto zoom maps again at the zoom
+    each measurement asks for, up to ``MAX_PASSES`` maps, and says when it stopped short."""
+    from scipy import ndimage as ndi
+
+    from napari_cellseg.core import cell_size
+
+    shape = (400, 400)
+    centres = [(80 + 120 * i, 80 + 120 * j) for i in range(3) for j in range(3)]
+    measured = {1.0: 40, 0.5: 60, 0.33: 80}  # the cells' diameter (image pixels) the map gives at each zoom
+    zooms = []
+
+    def fake_map(image, model, config=None, channel=None, image01=None):
+        zooms.append(config.scale)
+        labels = np.zeros(shape, np.int32)
+        for k, c in enumerate(centres, start=1):
+            rr, cc = disk(c, measured[config.scale] / 2, shape=shape)
+            labels[rr, cc] = k
+        dist = ndi.distance_transform_edt(labels > 0)
+        out = np.zeros(shape, np.float32)
+        for k in range(1, len(centres) + 1):
+            out[labels == k] = dist[labels == k] / dist[labels == k].max()
+        yield from ()
+        return out
+
+    monkeypatch.setattr(auto, "predict_distance_map", fake_map)
+    distance_model.meta["cell_diameters"] = {"fluorescence": {"p10": 18.0, "median": 20.0, "p90": 22.0}}
+    image = np.full(shape, 0.02, np.float32)
+    image[::7, ::7] = 1.0  # a dark background
+    cfg = auto.DistanceConfig(scale="auto", fill=0.01)
+    res = auto.segment(image, distance_model, "distance", cfg)
+    est = res.size_estimate
+    assert zooms == [1.0, 0.5, 0.33] and [p[0] for p in est.passes] == zooms
+    assert est.scale == 0.33 and res.n_cells == 9
+    assert est.message.startswith("zoom 0.33: cells of 40 px at zoom 1, 60 px at zoom 0.5, 80 px at zoom 0.33")
+    assert est.message.endswith("(measured there, they would need zoom 0.25: set it by hand)")
+    assert cell_size.MAX_PASSES == 3
 
 
 # ---------------------------------------------------------------------------

@@ -175,3 +175,17 @@ def test_scale_reaches_the_distance_configuration_and_bad_zooms_are_user_errors(
     assert "scale must be a zoom between 0.25 and 4, got 9.0" in capsys.readouterr().err
     assert main([*base, "--mode", "grid", "--scale", "2", "--out", str(tmp_path / "c")]) == 2
     assert "grid mode has no setting scale" in capsys.readouterr().err
+
+
+def test_scale_auto_estimates_the_zoom_and_says_so(tmp_path, monkeypatch, capsys):
+    base, seen = _distance_run(tmp_path, monkeypatch, "scale")
+    assert main([*base, "--scale", "auto", "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    # a first map at zoom 1; a checkpoint without training cell sizes cannot estimate more, and says so
+    assert seen == [1.0] and "zoom 1: this model records no training cell sizes" in err
+    assert main([*base, "--scale", "AUTO", "--out", str(tmp_path / "b")]) == 0 and seen == [1.0, 1.0]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # argparse's usage error, without a traceback
+        main([*base, "--scale", "big", "--out", str(tmp_path / "c")])
+    assert exit_info.value.code == 2
+    assert "--scale: expected a zoom such as 0.5 or 'auto', got 'big'" in capsys.readouterr().err

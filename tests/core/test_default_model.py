@@ -184,3 +184,39 @@ if __name__ == "__main__":  # print the figures for docs/model_card.md
     figures = regression_figures(REPO.parent / "shared" / "data", load_model(sys.argv[1] if len(sys.argv) > 1
                                                                              else "cellseg", device="cpu"))
     print({k: v for k, v in figures.items() if k != "masks"})
+
+
+def test_packaged_model_records_its_training_cell_sizes_and_auto_zoom_uses_them():
+    """``meta["cell_diameters"]`` (training/train_default_model.py --sizes-only) drives ``scale="auto"``: the
+    sample nuclei (median 24 px, within the training nuclei's 9-31 px) keep zoom 1 and one map; zoomed in 2.5x
+    (59 px) the estimate zooms out and segments them better than zoom 1 does."""
+    from napari_cellseg.core import automatic as auto
+    from napari_cellseg.core.cell_size import model_cell_sizes
+    from napari_cellseg.core.io import load_sample
+    from napari_cellseg.core.metrics import average_precision
+    from napari_cellseg.core.models import load_model
+    from skimage.transform import rescale
+
+    model = load_model("cellseg", device="cpu")
+    sizes = model_cell_sizes(model.meta)
+    assert {"fluorescence", "phase", "brightfield", "colour", "all"} <= set(sizes)
+    assert sizes["fluorescence"]["p10"] < 15 < sizes["fluorescence"]["median"] < 25 < sizes["fluorescence"]["p90"]
+    assert sizes["phase"]["median"] > 2 * sizes["fluorescence"]["median"]  # whole cells against nuclei
+
+    sample = load_sample("nuclei")
+    at1 = auto.segment(sample.image, model, "distance")
+    own = auto.segment(sample.image, model, "distance", auto.make_config("distance", model, scale="auto"))
+    assert own.size_estimate.scale == 1.0 and len(own.size_estimate.passes) == 1
+    assert own.size_estimate.kind == "fluorescence" and own.size_estimate.message.startswith("zoom 1: cells of")
+    np.testing.assert_array_equal(own.labels, at1.labels)
+
+    image = rescale(sample.image, 2.5, order=1, preserve_range=True).astype(sample.image.dtype)
+    labels = rescale(sample.labels, 2.5, order=0, preserve_range=True, anti_aliasing=False).astype(np.int32)
+    plain = auto.segment(image, model, "distance")
+    zoomed = auto.segment(image, model, "distance", auto.make_config("distance", model, scale="auto"))
+    est = zoomed.size_estimate
+    assert 0.3 <= est.scale <= 0.7 and est.passes[0][0] == 1.0 and est.passes[0][1] > 31
+    assert zoomed.labels.shape == image.shape and f"zoom {est.scale:g}" in zoomed.summary()
+    ap_plain = average_precision(labels, plain.labels, (0.5,))[0].ap
+    ap_zoomed = average_precision(labels, zoomed.labels, (0.5,))[0].ap
+    assert ap_zoomed > ap_plain + 0.04, (ap_plain, ap_zoomed)

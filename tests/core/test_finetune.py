@@ -357,6 +357,9 @@ def test_tiny_model_trains_with_falling_loss(recipe, arch, lr):
     # the base model is never modified
     assert all(torch.equal(v, base.sam.state_dict()[k]) for k, v in before.items())
     assert result.meta["output"] == ("distance" if recipe == "distance" else "mask")
+    # the training cells' sizes, for the automatic zoom of images taken at another magnification
+    sizes = result.meta["cell_diameters"]
+    assert sizes == data.summary["cell_diameters"] and sizes["all"]["cells"] == data.n_cells
 
 
 def probe_with(trainer, entry, recipe, base):
@@ -538,6 +541,7 @@ def test_adapter_round_trip(recipe, arch, encoder, tmp_path):
     assert entry.capabilities == (("distance",) if recipe == "distance" else ("prompt", "grid"))
     loaded = models.load_model("my-cells", device="cpu")
     assert loaded.meta["output"] == meta["output"]
+    assert loaded.meta["cell_diameters"] == meta["cell_diameters"] == result.meta["cell_diameters"]
     if recipe == "distance":
         # SAMCell's thresholds, unsmoothed, unless the tuning found clearly better ones (it did not here)
         assert loaded.meta["thresholds"] == {"peak": 0.47, "fill": 0.09, "smooth": 0.0}

@@ -149,6 +149,52 @@ def test_zoom_reaches_the_distance_map_and_the_labels_keep_the_image_size(setup,
     assert not widget.scale_spin.isEnabled() and "scale" not in widget.thresholds()
 
 
+def test_auto_zoom_maps_again_at_the_estimated_zoom_and_shows_it(setup, qtbot, monkeypatch):
+    """The "auto" box sends ``scale="auto"`` to the core: six cells 40 px across, for a model whose training
+    nuclei were 9-31 px, are mapped again at about zoom 0.5; the spin box then shows that zoom and the status
+    line says what was measured."""
+    from scipy import ndimage as ndi
+
+    viewer, widget = setup
+    shape = (240, 240)
+    labels = np.zeros(shape, np.int32)
+    for k, (r, c) in enumerate([(40, 40), (40, 120), (40, 200), (150, 40), (150, 120), (150, 200)], start=1):
+        rr, cc = disk((r, c), 20, shape=shape)
+        labels[rr, cc] = k
+    viewer.add_image(np.where(labels > 0, 0.8, 0.05).astype(np.float32), name="img")
+    dist = ndi.distance_transform_edt(labels > 0)
+    cell_map = np.zeros(shape, np.float32)
+    for k in range(1, 7):
+        cell_map[labels == k] = dist[labels == k] / dist[labels == k].max()
+    zooms = []
+
+    def fake_map(image, model, config=None, channel=None, image01=None):  # the cells' own map, at any zoom
+        zooms.append(config.scale)
+        yield Progress(1, 1, "distance map")
+        return cell_map.copy()
+
+    monkeypatch.setattr(auto, "predict_distance_map", fake_map)
+    model = auto.as_distance_model(random_model("vit_test", seed=2))
+    model.meta["cell_diameters"] = {"fluorescence": {"p10": 9.0, "median": 20.0, "p90": 31.4}}
+    widget.set_model(model)
+    _select_mode(widget, "distance")
+    widget.auto_zoom_check.setChecked(True)
+    assert not widget.scale_spin.isEnabled() and widget.thresholds()["scale"] == "auto"
+    widget.run()
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60000)
+    est = widget._results[0].size_estimate
+    # measured at zoom 1 (the watershed's cells, about 37 px), mapped again at 20 / 37, measured there: settled
+    assert 0.5 <= est.scale <= 0.58 and zooms == [1.0, est.scale] and [p[0] for p in est.passes] == zooms
+    assert widget.scale_spin.value() == est.scale and not widget.scale_spin.isEnabled()
+    assert f"6 cells (distance mode); zoom {est.scale:g}: cells of {est.passes[0][1]:.0f} px at zoom 1" in \
+        widget.status.text()
+    assert widget.output_layer().data.max() == 6
+    widget.auto_zoom_check.setChecked(False)  # the estimate is where the user's own zoom starts
+    assert widget.scale_spin.isEnabled() and widget.thresholds()["scale"] == est.scale
+    widget.scale_spin.setValue(0.75)
+    assert "press Run to map the image at zoom 0.75" in widget.status.text()
+
+
 def test_guided_mode_with_orientations_runs_one_encoder_pass_per_orientation(setup, qtbot):
     viewer, widget = setup
     viewer.add_image(_cells((120, 100)), name="img")

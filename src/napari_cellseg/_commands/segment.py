@@ -48,10 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dist.add_argument("--smooth", type=float, default=None,
                       help="Gaussian sigma (pixels) applied to the distance map before the watershed (0, or the "
                            "model's own)")
-    dist.add_argument("--scale", type=float, default=None, metavar="ZOOM",
+    dist.add_argument("--scale", type=zoom_argument, default=None, metavar="ZOOM",
                       help="zoom the image by this factor before the distance model sees it (0.25-4; 1: as it "
                            "is): below 1 for cells much larger than the model's training cells, which it splits, "
-                           "above 1 for tiny ones (see docs/automatic.md)")
+                           "above 1 for tiny ones; 'auto': measure the cells a first pass at zoom 1 finds and "
+                           "zoom when they lie outside the model's training sizes (see docs/automatic.md)")
     dist.add_argument("--embed-window", type=int, default=None, metavar="PX",
                       help="embed neighbouring crops together in windows up to this side (704; 0: crop by crop; "
                            "default: 704 where the encoder runs in bfloat16 on a CPU, else 0; TinyViT models)")
@@ -74,6 +75,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="keep SAM's three answers per point (SAM's automatic mode)")
     grid.add_argument("--max-downscale", type=float, default=None,
                       help="embed the image whole up to this many times the model input, else in crops (4)")
+
+
+def zoom_argument(text: str):
+    """``--scale``: a number, or ``auto`` (the zoom estimated from a first pass, ``DistanceConfig(scale="auto")``)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a zoom such as 0.5 or 'auto', got {text!r}") from None
 
 
 def _settings(args: argparse.Namespace, mode: str) -> dict:
@@ -205,8 +216,9 @@ def run(args: argparse.Namespace) -> int:
                     finally:
                         bar.close()
                     labels.append(result.labels)
-                    if result.message:
-                        messages.append(result.message if len(planes) == 1 else f"plane {p + 1}: {result.message}")
+                    note = result.message or (result.size_estimate.message if result.size_estimate else "")
+                    if note:
+                        messages.append(note if len(planes) == 1 else f"plane {p + 1}: {note}")
                 stack = np.stack(labels).reshape(tuple(lead) + labels[0].shape)
                 write_labels(target, stack)
             except (ValueError, TypeError, OSError) as exc:

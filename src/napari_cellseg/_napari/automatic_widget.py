@@ -209,7 +209,20 @@ class AutomaticWidget(QWidget):
             "cells 32-83 px (median 54). Outside that range zoom by median / your diameter (0.43 for nuclei 47 px "
             "across: held-out AP@0.5 0.55 -> 0.79). Press Run after changing it; see docs/model_card.md")
         self.scale_spin.valueChanged.connect(self._on_zoom_changed)
-        form.addRow("Zoom", self.scale_spin)
+        self.auto_zoom_check = QCheckBox("auto")
+        self.auto_zoom_check.setToolTip(
+            "Estimate the zoom: map the image at zoom 1, measure the cells found, and map it again at the zoom "
+            "that brings them to the model's training cells when they lie outside their sizes (the model card's "
+            "rule; the status line says what was measured). The zoom found is shown beside; untick to set your "
+            "own. No second pass when the cells are within the training sizes")
+        self.auto_zoom_check.toggled.connect(self._on_auto_zoom)
+        zoom_row = QHBoxLayout()
+        zoom_row.setContentsMargins(0, 0, 0, 0)
+        zoom_row.addWidget(self.scale_spin, 1)
+        zoom_row.addWidget(self.auto_zoom_check)
+        zoom_box = QWidget()
+        zoom_box.setLayout(zoom_row)
+        form.addRow("Zoom", zoom_box)
         self.sliders: dict[str, _FloatSlider] = {}
         self._slider_rows: dict[str, tuple[QLabel, _FloatSlider]] = {}
         for name, (label, default, _modes, tip) in SLIDERS.items():
@@ -279,7 +292,8 @@ class AutomaticWidget(QWidget):
         self.draw_combo.setEnabled(mode == "guided")
         self.views_combo.setEnabled(mode == "guided")
         self.invert_check.setEnabled(mode == "guided")
-        self.scale_spin.setEnabled(mode != "grid")
+        self.auto_zoom_check.setEnabled(mode != "grid")
+        self.scale_spin.setEnabled(mode != "grid" and not self.auto_zoom_check.isChecked())
 
     def _refresh_images(self, *_) -> None:
         current = self.image_combo.currentText()
@@ -313,7 +327,7 @@ class AutomaticWidget(QWidget):
             out["max_area_fraction"] = self.max_area_spin.value() / 100.0
         else:
             out["min_size"] = self.min_size_spin.value()
-            out["scale"] = float(self.scale_spin.value())
+            out["scale"] = auto.AUTO_SCALE if self.auto_zoom_check.isChecked() else float(self.scale_spin.value())
         if mode == "guided":
             out["views"] = int(self.views_combo.currentData())
             out["invert"] = self.invert_check.isChecked()
@@ -393,7 +407,8 @@ class AutomaticWidget(QWidget):
             show_error(f"Automatic segmentation: could not read the image ({exc})")
             return
         settings = self.thresholds()
-        self._scale_of_run = settings.get("scale", 1.0)
+        if settings.get("scale", 1.0) != auto.AUTO_SCALE:  # an estimate is known when the run returns
+            self._scale_of_run = settings.get("scale", 1.0)
         at_defaults = all(abs(settings.get(k, SLIDERS[k][1]) - SLIDERS[k][1]) < 1e-9 for k in ("peak", "fill"))
         worker = thread_worker(
             _segment_planes,
@@ -421,7 +436,8 @@ class AutomaticWidget(QWidget):
         self.run_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
         for w in (self.image_combo, self.mode_combo, self.model_combo, self.distance_check, self.draw_combo,
-                  self.views_combo, self.invert_check, self.points_spin, self.max_area_spin, self.all_planes_check):
+                  self.views_combo, self.invert_check, self.points_spin, self.max_area_spin, self.all_planes_check,
+                  self.auto_zoom_check, self.scale_spin):
             w.setEnabled(not running)
         if not running:
             self._on_mode_changed()
@@ -460,6 +476,12 @@ class AutomaticWidget(QWidget):
                 self.sliders[key].setValue(float(th[key]))
                 self.sliders[key].number.setText(f"{float(th[key]):.2f}")
                 slider.blockSignals(False)
+        estimates = [r.size_estimate for r in self._results if r.size_estimate is not None]
+        if estimates:  # the zoom the estimate chose (the first plane's), where the user can start from
+            self._scale_of_run = estimates[0].scale
+            self.scale_spin.blockSignals(True)
+            self.scale_spin.setValue(estimates[0].scale)
+            self.scale_spin.blockSignals(False)
         self._write(layer, mode)
         seconds = sum(r.seconds for r in results)
         self.status.setText(self._summary() + f" - {description}, {seconds:.1f} s")
@@ -512,6 +534,11 @@ class AutomaticWidget(QWidget):
     def _on_slider(self, *_) -> None:
         if self._results:
             self._relabel_timer.start()
+
+    def _on_auto_zoom(self, checked: bool) -> None:
+        self.scale_spin.setEnabled(not checked and self.mode != "grid")
+        if not checked:
+            self._on_zoom_changed(self.scale_spin.value())
 
     def _on_zoom_changed(self, value: float) -> None:
         """A new zoom needs a new map: say so (the sliders keep working on the last run's map)."""

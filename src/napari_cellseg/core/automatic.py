@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -101,6 +102,9 @@ MIN_IMAGE_SIDE = 16
 PRECOMPUTE_LIMIT = 5000
 #: range of ``DistanceConfig.scale``, the zoom of the image before the distance model sees it
 MIN_SCALE, MAX_SCALE = 0.25, 4.0
+#: ``DistanceConfig.scale`` that estimates the zoom from the cells a first pass at zoom 1 finds
+#: (:func:`napari_cellseg.core.cell_size.estimate_scale`)
+AUTO_SCALE = "auto"
 #: most pixels of a zoomed plane (``DistanceConfig.scale``): about 1.6 GB of image and map in float32
 MAX_ZOOMED_PIXELS = 100_000_000
 
@@ -203,9 +207,9 @@ class DistanceConfig(_Config):
         encoder runs in bfloat16 on a CPU, where windows were measured
         1.1-1.25x faster for 0.6 GB more memory; 0 elsewhere (in float32 on
         a CPU they gained 0-1.2x for 1.4 GB more; not measured on a GPU).
-    scale : float
+    scale : float or "auto"
         Zoom of the image before the model sees it (0.25 to 4; 1, the default,
-        leaves it as it is): the map is predicted on the zoomed image and
+        leaves it as it is; ``"auto"``: estimated, see below): the map is predicted on the zoomed image and
         resized back, so the labels, ``min_size`` and the measurements stay in
         the image's own pixels. A distance model learns cells of the sizes it
         was trained on and splits much larger ones into pieces of about that
@@ -215,6 +219,12 @@ class DistanceConfig(_Config):
         diameter into it; the model card gives the sizes of the default
         model's training cells. ``smooth``, ``crop_size`` and ``overlap`` are
         in zoomed pixels, so they keep the meaning the model was tuned with.
+        ``"auto"`` maps the image at zoom 1 first, measures the cells found
+        there and, when their median diameter lies outside the model's
+        training cells' 10th-90th percentiles for the kind of image
+        (``meta["cell_diameters"]``), maps it again at the zoom that brings
+        them to the median (:func:`napari_cellseg.core.cell_size.estimate_scale`;
+        the result's ``size_estimate`` says what was measured and chosen).
     """
 
     peak: float = pp.DEFAULT_PEAK
@@ -227,11 +237,12 @@ class DistanceConfig(_Config):
     clahe: bool = True
     batch_size: int | None = None
     embed_window: int | None = None
-    scale: float = 1.0
+    scale: float | str = 1.0
 
     def validate(self) -> None:
         pp.check_thresholds(self.peak, self.fill)
-        check_scale("scale", self.scale)
+        if self.scale != AUTO_SCALE:
+            check_scale("scale", self.scale)
         if not (np.isfinite(self.smooth) and 0 <= self.smooth <= 20):
             raise ValueError(f"smooth must be a sigma between 0 and 20 pixels, got {self.smooth}")
         _check_int("min_size", self.min_size, 0)
@@ -783,6 +794,9 @@ def predict_distance_map(
     cfg = config or DistanceConfig()
     cfg.validate()
     require_distance_model(model)
+    if cfg.scale == AUTO_SCALE:
+        raise ValueError("predict_distance_map needs a numeric scale: use distance_map_at_estimated_scale for "
+                         "scale='auto'")
     if image01 is None:
         image01, _ = prepare_image(image, channel)
     m, n = image01.shape[:2]
@@ -842,6 +856,63 @@ def predict_distance_map(
 #: whether the batch prompt decoder follows a bfloat16 model precision (:func:`prompt_dtype`); False keeps it in
 #: float32 whatever the precision (for comparisons in benchmarks)
 PROMPTS_FOLLOW_PRECISION = True
+
+
+def largest_scale(shape: tuple[int, int]) -> float:
+    """The largest zoom (at most :data:`MAX_SCALE`) that keeps a plane of ``shape`` within
+    :data:`MAX_ZOOMED_PIXELS`."""
+    fit = float(np.sqrt(MAX_ZOOMED_PIXELS / max(1, shape[0] * shape[1])))
+    return float(max(MIN_SCALE, min(MAX_SCALE, np.floor(fit * 100) / 100)))
+
+
+def distance_map_at_scale(
+    image: np.ndarray | None,
+    model: LoadedModel,
+    config: DistanceConfig,
+    channel: int | None = None,
+    image01: np.ndarray | None = None,
+) -> Generator[Progress, None, tuple[np.ndarray, Any]]:
+    """The distance map at ``config.scale``, estimating it first when it is ``"auto"`` (generator).
+
+    Returns ``(map, estimate)``: ``estimate`` is None for a numeric scale, else the
+    :class:`~napari_cellseg.core.cell_size.SizeEstimate` of the zoom the map was made at. ``"auto"`` maps the
+    image at zoom 1, segments the map with the config's thresholds and measures the cells
+    (:func:`~napari_cellseg.core.cell_size.estimate_scale`); while they lie outside the model's training
+    sizes it maps the image again at the zoom they ask for and measures again, up to
+    :data:`~napari_cellseg.core.cell_size.MAX_PASSES` maps, and stops when a measurement asks for the zoom
+    it was made at (within 10 %). Cells within the training sizes at zoom 1 cost no second map.
+    """
+    if config.scale != AUTO_SCALE:
+        return (yield from predict_distance_map(image, model, config, channel, image01=image01)), None
+    from . import cell_size
+
+    if image01 is None:
+        image01, _ = prepare_image(image, channel)
+    sizes = cell_size.model_cell_sizes(model.meta)
+    top = largest_scale(image01.shape[:2])
+    scale, estimate, prefix = 1.0, None, ""
+    for k in range(cell_size.MAX_PASSES):
+        passing = predict_distance_map(None, model, config.updated(scale=scale), image01=image01)
+        while True:  # the passes after the first say which zoom they map at
+            try:
+                rec = next(passing)
+            except StopIteration as stop:
+                dmap = stop.value
+                break
+            yield Progress(rec.step, rec.total, prefix + rec.message, rec.data) if prefix else rec
+        labels = pp.labels_from_distance_map(dmap, peak=config.peak, fill=config.fill, min_size=config.min_size,
+                                             fill_holes=config.fill_holes)
+        estimate = cell_size.estimate_scale(labels, image01, sizes, MIN_SCALE, top, scale,
+                                            estimate.passes if estimate else None)
+        settled = abs(math.log(estimate.scale / scale)) < math.log(1.1)  # within 10 %: this map is the answer
+        if settled or k == cell_size.MAX_PASSES - 1:
+            break
+        scale = estimate.scale
+        prefix = f"{estimate.message} - "
+    note = "" if settled else f" (measured there, they would need zoom {estimate.scale:g}: set it by hand)"
+    estimate.message = re.sub(r"^zoom [0-9.]+", f"zoom {scale:g}", estimate.message) + note
+    estimate.scale = scale
+    return dmap, estimate
 
 
 def prompt_dtype(model: LoadedModel):
@@ -1218,6 +1289,7 @@ class AutomaticResult:
     thresholds: dict = field(default_factory=dict)
     model_name: str = ""
     seconds: float = 0.0
+    size_estimate: Any = None
 
     @property
     def n_cells(self) -> int:
@@ -1235,7 +1307,8 @@ class AutomaticResult:
         """One line for a status bar."""
         if self.message:
             return self.message
-        return f"{self.n_cells} cells ({self.mode} mode)"
+        line = f"{self.n_cells} cells ({self.mode} mode)"
+        return f"{line}; {self.size_estimate.message}" if self.size_estimate is not None else line
 
 
 @dataclass
@@ -1458,9 +1531,9 @@ def distance_segmentation(
     if message:
         return DistanceResult("distance", np.zeros(shape, np.int32), message, th, model.name)
     t0 = time.perf_counter()
-    dmap = yield from predict_distance_map(image, model, cfg, channel, image01=image01)
+    dmap, estimate = yield from distance_map_at_scale(image, model, cfg, channel, image01=image01)
     result = DistanceResult("distance", np.zeros(shape, np.int32), "", th, model.name,
-                            time.perf_counter() - t0, distance_map=dmap)
+                            time.perf_counter() - t0, estimate, distance_map=dmap)
     result.relabel()
     return result
 
@@ -1660,9 +1733,10 @@ def guided_segmentation(
         return (yield from guided_from_map(image, np.zeros(image01.shape[:2], np.float32),
                                            prompt_model or model, cfg, channel))
     t0 = time.perf_counter()
-    dmap = yield from predict_distance_map(image, model, cfg.distance, channel, image01=image01)
+    dmap, estimate = yield from distance_map_at_scale(image, model, cfg.distance, channel, image01=image01)
     result = yield from guided_from_map(image, dmap, prompt_model or model, cfg, channel)
     result.seconds = time.perf_counter() - t0
+    result.size_estimate = estimate
     return result
 
 

@@ -756,10 +756,22 @@ def make_training_data(
         "regions": sorted({p.roi for p in pairs}),
         "skipped_empty_planes": skipped,
         "tiled_planes": tiled,
+        "cell_diameters": cell_size_table(pairs),
     }
     for pair in pairs:
         pair.key = _content_key(pair)
     return TrainingData(pairs, summary)
+
+
+def cell_size_table(pairs: list[TrainingPair]) -> dict[str, dict[str, float]]:
+    """The training cells' diameters per image kind (:func:`napari_cellseg.core.cell_size.size_table`): what a
+    trained model records as ``meta["cell_diameters"]`` for the automatic zoom (``DistanceConfig(scale="auto")``)."""
+    from .cell_size import cell_diameters, image_kind, size_table
+
+    by_kind: dict[str, list[np.ndarray]] = {}
+    for pair in pairs:
+        by_kind.setdefault(image_kind(pair.image), []).append(cell_diameters(pair.labels))
+    return size_table(by_kind)
 
 
 def _excluded(labels: np.ndarray, exclude, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -2088,6 +2100,10 @@ class Finetuner:
             "napari_cellseg_version": __version__,
             "stages": self.prev_stages + [stage],
         }
+        sizes = self.train.summary.get("cell_diameters") or {}
+        if sizes or prev.get("cell_diameters"):
+            # the kinds this stage trained on replace the base's; the base's other kinds stay
+            meta["cell_diameters"] = {**(prev.get("cell_diameters") or {}), **sizes}
         if output == "distance":
             inherited = prev.get("thresholds") if cfg.recipe not in DISTANCE_RECIPES else None
             meta["thresholds"] = dict(cfg.thresholds or inherited or DEFAULT_DISTANCE_THRESHOLDS)
@@ -2410,7 +2426,7 @@ class Finetuner:
 
 #: adapter metadata copied onto the loaded model (``LoadedModel.meta``)
 _RUNTIME_META = ("base", "recipe", "output", "thresholds", "capabilities", "crop_size", "input_size", "metrics",
-                 "created", "stages", "data", "config", "prompt_pathway")
+                 "created", "stages", "data", "config", "prompt_pathway", "cell_diameters")
 
 
 def _resample(arr: np.ndarray, size: int) -> np.ndarray:
