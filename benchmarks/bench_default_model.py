@@ -21,7 +21,8 @@ flagged as optimistic). Per image kind:
   card's rule, from each image's median cell diameter and the training cells' diameters of its kind
   (:func:`rule_zoom`; chosen on the selection images, ``--selection``); clicks answered from the map use the
   same zoom for their map window (``AnnotationConfig.map_scale``). ``--zoom auto``: the same rule on the cells
-  a first pass at zoom 1 finds (``DistanceConfig(scale="auto")``, what a user without a measurement gets).
+  a first pass at zoom 1 finds (``DistanceConfig(scale="auto")``, what a user without a measurement gets);
+  clicks: ``AnnotationConfig(map_scale="auto")``, estimated from the map window around each image's first click.
 
 Run from the repository root::
 
@@ -120,6 +121,8 @@ def prompt_ious(model, image, labels, cells, views: int = 1, invert: bool | None
             union = np.logical_or(m, ref).sum()
             ious.append(float(np.logical_and(m, ref).sum() / union) if union else 0.0)
         out[kind] = ious
+    if seg.size_estimate is not None:  # map_scale "auto": the zoom estimated around the first click
+        out["map_zoom"] = seg.size_estimate.scale
     return out
 
 
@@ -139,7 +142,7 @@ def automatic(model, image, labels, mode: str, scale: float = 1.0) -> dict:
     from napari_cellseg.core.metrics import average_precision
 
     t = time.perf_counter()
-    config = auto.make_config(mode, model, scale=scale) if scale != 1 else None
+    config = auto.make_config(mode, model, **({} if mode == "grid" else {"scale": scale}))
     res = auto.segment(image, model, mode=mode, config=config)
     seconds = time.perf_counter() - t
     s50, s75 = average_precision(labels, res.labels, (0.5, 0.75))
@@ -213,7 +216,7 @@ def main(argv=None) -> int:
                    help="distance and guided modes: run at the image's own scale (none), zoomed by the model "
                         "card's rule from the ground truth's cell diameter (rule: see rule_zoom), or with the "
                         "zoom estimated from a first pass at zoom 1 (auto: DistanceConfig(scale='auto'); clicks "
-                        "use the distance mode's estimate)")
+                        "measure the cells around the first click, AnnotationConfig(map_scale='auto'))")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -252,11 +255,11 @@ def main(argv=None) -> int:
                     row[f"{mode}_seconds_per_image"] = r["seconds"]
             if not args.no_prompts:
                 cells = sample_cells(labels, args.cells_per_image, rng)
-                if zoom == "auto":  # the distance mode's estimate, else a pass to make one
-                    zoom = row.get("distance_zoom") or automatic(model, image, labels, "distance", "auto")["zoom"]
                 ious = prompt_ious(model, image, labels, cells, args.views, INVERT[args.invert], args.click_answer,
                                    zoom)
                 row["click_iou"], row["box_iou"] = ious["clicks"], ious["boxes"]
+                if "map_zoom" in ious:
+                    row["click_map_zoom"] = ious["map_zoom"]
             rows.append(row)
             print(json.dumps({k: (round(float(np.mean(v)), 3) if isinstance(v, list) else
                                   (round(v, 3) if isinstance(v, float) else v)) for k, v in row.items()}),

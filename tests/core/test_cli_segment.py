@@ -182,7 +182,7 @@ def test_scale_auto_estimates_the_zoom_and_says_so(tmp_path, monkeypatch, capsys
     assert main([*base, "--scale", "auto", "--out", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
     # a first map at zoom 1; a checkpoint without training cell sizes cannot estimate more, and says so
-    assert seen == [1.0] and "zoom 1: this model records no training cell sizes" in err
+    assert seen == [1.0] and "zoom 1 (this model records no training cell sizes" in err
     assert main([*base, "--scale", "AUTO", "--out", str(tmp_path / "b")]) == 0 and seen == [1.0, 1.0]
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:  # argparse's usage error, without a traceback

@@ -212,8 +212,9 @@ def test_packaged_model_records_its_training_cell_sizes_and_auto_zoom_uses_them(
 
     image = rescale(sample.image, 2.5, order=1, preserve_range=True).astype(sample.image.dtype)
     labels = rescale(sample.labels, 2.5, order=0, preserve_range=True, anti_aliasing=False).astype(np.int32)
-    plain = auto.segment(image, model, "distance")
-    zoomed = auto.segment(image, model, "distance", auto.make_config("distance", model, scale="auto"))
+    plain = auto.segment(image, model, "distance", auto.make_config("distance", model, scale=1.0))
+    zoomed = auto.segment(image, model, "distance")  # the packaged model's default: scale="auto"
+    assert auto.make_config("distance", model).scale == auto.make_config("guided", model).distance.scale == "auto"
     est = zoomed.size_estimate
     assert 0.3 <= est.scale <= 0.7 and est.passes[0][0] == 1.0 and est.passes[0][1] > 31
     assert zoomed.labels.shape == image.shape and f"zoom {est.scale:g}" in zoomed.summary()

@@ -707,6 +707,41 @@ def test_map_zoom_widens_the_click_window_and_reaches_the_map(map_model, image, 
         AnnotationConfig(map_scale=0)
 
 
+def test_map_zoom_auto_measures_the_cells_around_the_first_click_once_per_plane(map_model):
+    """map_scale "auto": the first click's plane is mapped at zoom 1 over 4 crops a side around it, its cells
+    measured (40 px, for a model whose training nuclei were 9-31 px), and the click maps are then made at the
+    zoom that brings them to 20 px; later clicks on the plane reuse it, a new plane is measured again."""
+    from skimage.draw import disk
+
+    from napari_cellseg.core.progress import run_to_completion
+
+    model, calls = map_model
+    model.meta["cell_diameters"] = {"fluorescence": {"p10": 9.0, "median": 20.0, "p90": 31.4}}
+    img = np.full((600, 600), 0.05, np.float32)
+    for r in (100, 300, 500):
+        for c in (100, 300, 500):
+            img[disk((r, c), 20, shape=img.shape)] = 0.9
+    seg = InteractiveSegmenter(model, config=AnnotationConfig(map_scale="auto"))
+    seg.set_image(img)
+    assert seg.map_scale() == 1.0 and seg.size_estimate is None  # nothing measured yet
+    records = []
+    run_to_completion(seg.run([ObjectPrompt(points=[[300, 300]])]), records.append)
+    est = seg.size_estimate
+    assert est.kind == "fluorescence" and est.cells == 9 and 0.45 <= est.scale <= 0.6
+    assert seg.map_scale() == est.scale
+    side = round(256 / est.scale)
+    assert calls == [(600, 600), (side, side)]  # the measurement (1024 px, clipped), then the click's window
+    assert any(r.message.startswith(f"map zoom {est.scale:g}: cells of") for r in records)
+    run_to_completion(seg.run([ObjectPrompt(points=[[100, 500]])]))
+    assert seg.size_estimate is est and len(calls) == 3 and calls[2] == (side, side)
+    seg.set_image(img[:, ::-1].copy())  # another plane: measured again
+    run_to_completion(seg.run([ObjectPrompt(points=[[300, 300]])]))
+    assert seg.size_estimate is not est and calls[3] == (600, 600)
+    AnnotationConfig(map_scale="auto")
+    with pytest.raises(ValueError, match="map_scale must be a zoom between 0.25 and 4"):
+        AnnotationConfig(map_scale="big")
+
+
 def test_click_answer_map_answers_with_the_map_cell_unless_negative_points_come_with_it(map_model, image):
     """click_answer="map": the map cell itself, without an embedding; with negative points SAM draws from the
     cell's box. The default, click_answer="sam", always sends the box to SAM."""

@@ -479,6 +479,15 @@ def test_a_click_is_answered_from_the_cell_map_of_a_distance_model(setup, qtbot,
     assert calls == [False, False]
     (obj,) = widget._current
     assert obj.window.contains(_bbox(labels, 3))
+    widget.map_auto_check.setChecked(True)  # the map zoom estimated: the cells around the click measured first
+    assert widget.config.map_scale == "auto" and not widget.map_scale_spin.isEnabled()
+    qtbot.waitUntil(lambda: "map zoom 1 (this model records no training cell sizes" in widget.status.text(),
+                    timeout=TIMEOUT)
+    # the measuring window (4 crops a side, clipped to this 128 px plane) is the plane's map at zoom 1: cached
+    assert calls == [False, False]
+    assert widget.map_scale_spin.value() == 1.0
+    widget.map_auto_check.setChecked(False)
+    assert widget.config.map_scale == 1.0 and widget.map_scale_spin.isEnabled()
     widget.map_check.setChecked(False)
     assert not widget.config.clicks_from_map
     qtbot.waitUntil(lambda: _preview_ready(widget), timeout=TIMEOUT)

@@ -130,6 +130,9 @@ def test_zoom_reaches_the_distance_map_and_the_labels_keep_the_image_size(setup,
                         lambda model, crops: seen.extend(c.shape[:2] for c in crops) or real(model, crops))
     widget.set_model(auto.as_distance_model(random_model("vit_test", seed=2)))
     _select_mode(widget, "distance")
+    assert widget.auto_zoom_check.isChecked() and not widget.scale_spin.isEnabled()  # the default: estimated
+    assert widget.thresholds()["scale"] == "auto"
+    widget.auto_zoom_check.setChecked(False)
     assert widget.scale_spin.isEnabled() and widget.scale_spin.value() == 1.0
     widget.scale_spin.setValue(2.5)
     assert widget.thresholds()["scale"] == 2.5
@@ -178,7 +181,7 @@ def test_auto_zoom_maps_again_at_the_estimated_zoom_and_shows_it(setup, qtbot, m
     model.meta["cell_diameters"] = {"fluorescence": {"p10": 9.0, "median": 20.0, "p90": 31.4}}
     widget.set_model(model)
     _select_mode(widget, "distance")
-    widget.auto_zoom_check.setChecked(True)
+    assert widget.auto_zoom_check.isChecked()  # the default
     assert not widget.scale_spin.isEnabled() and widget.thresholds()["scale"] == "auto"
     widget.run()
     qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60000)

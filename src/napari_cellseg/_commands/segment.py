@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="zoom the image by this factor before the distance model sees it (0.25-4; 1: as it "
                            "is): below 1 for cells much larger than the model's training cells, which it splits, "
                            "above 1 for tiny ones; 'auto': measure the cells a first pass at zoom 1 finds and "
-                           "zoom when they lie outside the model's training sizes (see docs/automatic.md)")
+                           "zoom when they lie outside the model's training sizes (the default for models that "
+                           "record them: the default model, fine-tuned ones; else 1; see docs/automatic.md)")
     dist.add_argument("--embed-window", type=int, default=None, metavar="PX",
                       help="embed neighbouring crops together in windows up to this side (704; 0: crop by crop; "
                            "default: 704 where the encoder runs in bfloat16 on a CPU, else 0; TinyViT models)")

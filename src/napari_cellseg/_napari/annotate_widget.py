@@ -104,6 +104,7 @@ class _Outcome:
     objects: list
     computed: int
     error: str | None = None
+    size_estimate: object = None  # a map zoom estimated by this request (map zoom "auto")
 
 
 def _work(segmenter, loader, plane_data, channel, prompts, config, cache, precompute):
@@ -120,8 +121,10 @@ def _work(segmenter, loader, plane_data, channel, prompts, config, cache, precom
             n = yield from segmenter.precompute()
             return _Outcome(segmenter, key, [], n)
         n = len(segmenter.missing_windows(prompts))
+        before = segmenter.size_estimate
         objects = yield from segmenter.run(prompts, coarse_first=True)
-        return _Outcome(segmenter, key, objects, n)
+        estimate = segmenter.size_estimate if segmenter.size_estimate is not before else None
+        return _Outcome(segmenter, key, objects, n, size_estimate=estimate)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, MemoryError) as exc:
         return _Outcome(segmenter, "", [], 0, error=f"{type(exc).__name__}: {exc}")
 
@@ -260,6 +263,12 @@ class AnnotationWidget(QWidget):
             "(docs/model_card.md)."
         )
         self.map_scale_spin.valueChanged.connect(self._on_settings_changed)
+        self.map_auto_check = QCheckBox("auto")
+        self.map_auto_check.setToolTip(
+            "Estimate the map zoom once per image: the cells of the first click's map window at zoom 1 are "
+            "measured and, when they lie outside the model's training cells' sizes, the maps are made at the "
+            "zoom that brings them there (the status line says what was measured; the zoom shows beside)")
+        self.map_auto_check.toggled.connect(self._on_map_auto)
         self.views_combo = QComboBox()
         self.views_combo.addItem("auto (8 for LiteMedSAM-sized models on a GPU, else 1)", None)
         for n in VIEW_COUNTS:
@@ -334,7 +343,13 @@ class AnnotationWidget(QWidget):
         form.addRow("Model", self.model_label)
         form.addRow("Target labels", self.target_combo)
         form.addRow("Mask threshold", self.threshold_spin)
-        form.addRow("Map zoom", self.map_scale_spin)
+        map_zoom_row = QHBoxLayout()
+        map_zoom_row.setContentsMargins(0, 0, 0, 0)
+        map_zoom_row.addWidget(self.map_scale_spin, 1)
+        map_zoom_row.addWidget(self.map_auto_check)
+        map_zoom_box = QWidget()
+        map_zoom_box.setLayout(map_zoom_row)
+        form.addRow("Map zoom", map_zoom_box)
         form.addRow("Orientations", self.views_combo)
         form.addRow("Inverted contrast", self.invert_combo)
         prompts_row = QHBoxLayout()
@@ -709,12 +724,17 @@ class AnnotationWidget(QWidget):
         value = float(self.threshold_spin.value())
         return None if value <= THRESHOLD_AUTO + 1e-9 else value
 
+    def _on_map_auto(self, checked: bool) -> None:
+        self.map_scale_spin.setEnabled(not checked)
+        self._on_settings_changed()
+
     def _on_settings_changed(self, *_) -> None:
         self.config = replace(self.config, zoom="auto" if self.zoom_check.isChecked() else "off",
                               disk_cache=self.disk_check.isChecked(),
                               clicks_from_map=self.map_check.isChecked(),
                               click_answer="map" if self.map_cell_check.isChecked() else "sam",
-                              map_scale=float(self.map_scale_spin.value()),
+                              map_scale="auto" if self.map_auto_check.isChecked()
+                              else float(self.map_scale_spin.value()),
                               mask_threshold=self._threshold_value(),
                               views=self.views_combo.currentData(),
                               invert=self.invert_combo.currentData())
@@ -1004,6 +1024,11 @@ class AnnotationWidget(QWidget):
             text += f" (embedded {outcome.computed} window(s))"
         if empty:
             text += f"; {empty} came out empty"
+        if outcome.size_estimate is not None:  # map zoom "auto": what this plane's clicks are mapped at
+            text += f"; map {outcome.size_estimate.message}"
+            self.map_scale_spin.blockSignals(True)
+            self.map_scale_spin.setValue(outcome.size_estimate.scale)
+            self.map_scale_spin.blockSignals(False)
         self._set_status(text)
         if self._commit_requested:
             self._commit_requested = False

@@ -215,6 +215,8 @@ class AutomaticWidget(QWidget):
             "that brings them to the model's training cells when they lie outside their sizes (the model card's "
             "rule; the status line says what was measured). The zoom found is shown beside; untick to set your "
             "own. No second pass when the cells are within the training sizes")
+        self.auto_zoom_check.setChecked(True)  # before connecting: the spin box is disabled below
+        self.scale_spin.setEnabled(False)
         self.auto_zoom_check.toggled.connect(self._on_auto_zoom)
         zoom_row = QHBoxLayout()
         zoom_row.setContentsMargins(0, 0, 0, 0)

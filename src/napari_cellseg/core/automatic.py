@@ -439,8 +439,14 @@ def model_thresholds(model: LoadedModel) -> dict[str, float]:
 
 
 def model_distance_defaults(model: LoadedModel) -> dict:
-    """:class:`DistanceConfig` defaults a distance model carries: its thresholds and training crop size."""
+    """:class:`DistanceConfig` defaults a distance model carries: its thresholds and training crop size, and
+    ``scale="auto"`` when it records its training cells' sizes (``meta["cell_diameters"]``: the packaged model
+    and fine-tuned ones)."""
+    from .cell_size import model_cell_sizes
+
     out: dict = dict(model_thresholds(model))
+    if is_distance_model(model) and model_cell_sizes(getattr(model, "meta", None)):
+        out["scale"] = AUTO_SCALE
     smooth = ((getattr(model, "meta", None) or {}).get("thresholds") or {}).get("smooth")
     if smooth is not None:
         out["smooth"] = float(smooth)

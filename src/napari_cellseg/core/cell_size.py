@@ -176,8 +176,7 @@ def estimate_scale(labels: np.ndarray, image01: np.ndarray, sizes: dict[str, dic
     keep = f"zoom {current:g}"
     if not sizes:
         return SizeEstimate(current, kind, diameter, n, None,
-                            f"{keep}: this model records no training cell sizes, so the zoom cannot be estimated "
-                            "(set it by hand)", passes)
+                            f"{keep} (this model records no training cell sizes to estimate the zoom from)", passes)
     ref_kind = kind if kind in sizes else ALL_KINDS if ALL_KINDS in sizes else next(iter(sizes))
     ref = {**sizes[ref_kind], "kind": ref_kind}
     if n < MIN_CELLS_TO_MEASURE:

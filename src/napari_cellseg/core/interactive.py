@@ -198,6 +198,12 @@ class AnnotationConfig:
         (which its map splits), above 1 for tiny ones. The window covers the
         model's crop size divided by the zoom (512 image pixels at 0.5), so
         the model still sees its training crop size.
+        ``"auto"``: estimated once per plane from the cells of the map at
+        zoom 1 of a window :data:`MEASURE_WINDOW` crops a side (1,024 px for
+        256 px crops) around the first click, by the automatic modes' rule
+        (:func:`~napari_cellseg.core.cell_size.estimate_scale`; the model's
+        ``meta["cell_diameters"]``); the segmenter's ``size_estimate`` says
+        what it measured.
     missed_click : {"box", "point"}
         A click (answered from the map) on which the map sees no cell:
         ``"box"`` gives SAM a square box centred on the click, the size of the
@@ -252,7 +258,7 @@ class AnnotationConfig:
     clicks_from_map: bool = True
     map_radius: int = 4
     click_answer: str = "sam"
-    map_scale: float = 1.0
+    map_scale: float | str = 1.0
     missed_click: str = "box"
     views: int | None = None
     invert: bool | None = None
@@ -270,9 +276,10 @@ class AnnotationConfig:
             raise ValueError("max_memory_mb must be >= 0")
         if int(self.map_radius) < 0:
             raise ValueError(f"map_radius must be >= 0 pixels, got {self.map_radius}")
-        from .automatic import check_scale
+        from .automatic import AUTO_SCALE, check_scale
 
-        check_scale("map_scale", self.map_scale)
+        if self.map_scale != AUTO_SCALE:
+            check_scale("map_scale", self.map_scale)
         if self.click_answer not in ("map", "sam"):
             raise ValueError(f"click_answer must be 'sam' or 'map', got {self.click_answer!r}")
         if self.missed_click not in ("box", "point"):
@@ -1029,6 +1036,10 @@ def default_disk_dir() -> Path:
 # ---------------------------------------------------------------------------
 
 
+#: ``map_scale="auto"`` measures the cells of a map window this many map crops a side around the first click
+MEASURE_WINDOW = 4
+
+
 class InteractiveSegmenter:
     """Segment objects from point and box prompts on one plane at a time.
 
@@ -1068,6 +1079,9 @@ class InteractiveSegmenter:
         self._model_key: str | None = None
         # cell maps for clicks: (image, model, normalisation, window) -> (distance map, regions)
         self._maps: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        # map_scale "auto": the zoom estimated per (image, model, normalisation), and the last estimate
+        self._map_scales: dict[tuple, float] = {}
+        self.size_estimate = None
 
     # -- image -----------------------------------------------------------------
 
@@ -1305,14 +1319,57 @@ class InteractiveSegmenter:
         return (bool(self.config.clicks_from_map) and is_distance_model(self.model)
                 and min(self.image_shape) >= MIN_IMAGE_SIDE)
 
+    def map_scale(self) -> float:
+        """The zoom of this plane's click maps: ``map_scale``, or for ``"auto"`` the estimate made on this plane
+        (:meth:`estimate_map_scale`; 1 until then)."""
+        from .automatic import AUTO_SCALE
+
+        if self.config.map_scale != AUTO_SCALE:
+            return float(self.config.map_scale)
+        return self._map_scales.get((self.image_key, self.model_key, self.norm_key), 1.0)
+
+    def _needs_map_estimate(self, prompts: Sequence[ObjectPrompt]) -> bool:
+        from .automatic import AUTO_SCALE
+
+        return (self.config.map_scale == AUTO_SCALE and self.map_guided()
+                and (self.image_key, self.model_key, self.norm_key) not in self._map_scales
+                and any(self._is_click(p) for p in prompts))
+
+    def estimate_map_scale(self, prompts: Sequence[ObjectPrompt]):
+        """For ``map_scale="auto"``: the zoom of this plane's click maps, estimated once from the cells of a map
+        at zoom 1 of :data:`MEASURE_WINDOW` crops a side around the first click among ``prompts`` (blocking:
+        computes that map). Returns the :class:`~napari_cellseg.core.cell_size.SizeEstimate` when it made one,
+        else None."""
+        from . import cell_size
+        from .automatic import MAX_SCALE, MIN_SCALE, largest_scale
+
+        if not self._needs_map_estimate(prompts):
+            return None
+        click = next(p for p in prompts if self._is_click(p))
+        # a window of MEASURE_WINDOW map crops a side around the click, at zoom 1 (nothing is estimated yet): a
+        # click window alone holds too few large cells to measure
+        r, c = click.positive.mean(axis=0)
+        side = MEASURE_WINDOW * self._map_config().crop_size
+        shape = self.image_shape
+        r0 = int(np.clip(round(r - side / 2), 0, max(0, shape[0] - side)))
+        c0 = int(np.clip(round(c - side / 2), 0, max(0, shape[1] - side)))
+        window = Window(r0, c0, min(r0 + side, shape[0]), min(c0 + side, shape[1]))
+        _, regions = self.cell_map(window)
+        crop = self._normalised()[window.slices]
+        estimate = cell_size.estimate_scale(regions, crop, cell_size.model_cell_sizes(self.model.meta), MIN_SCALE,
+                                            min(MAX_SCALE, largest_scale(self.image_shape)))
+        self._map_scales[(self.image_key, self.model_key, self.norm_key)] = estimate.scale
+        self.size_estimate = estimate
+        return estimate
+
     def _map_config(self):
         from .automatic import DistanceConfig, model_distance_defaults
 
-        return DistanceConfig(**model_distance_defaults(self.model), scale=float(self.config.map_scale))
+        return DistanceConfig(**{**model_distance_defaults(self.model), "scale": self.map_scale()})
 
     def _map_group(self) -> tuple:
         """What a cached map depends on besides its window: plane, model, normalisation and zoom."""
-        return (self.image_key, self.model_key, self.norm_key, float(self.config.map_scale))
+        return (self.image_key, self.model_key, self.norm_key, self.map_scale())
 
     def _map_key(self, window: Window) -> tuple:
         return (*self._map_group(), window)
@@ -1394,6 +1451,7 @@ class InteractiveSegmenter:
         prompts = list(prompts)
         if not self.map_guided():
             return prompts
+        self.estimate_map_scale(prompts)
         shape = self.image_shape
         out = []
         for p in prompts:
@@ -1609,6 +1667,10 @@ class InteractiveSegmenter:
         view's answer is yielded the same way before the average, even when
         every view is cached: the preview keeps the latency of one decoder pass.
         """
+        if self._needs_map_estimate(prompts):
+            yield Progress(0, 1, "measuring the cells around the click for the map zoom")
+            estimate = self.estimate_map_scale(prompts)
+            yield Progress(1, 1, f"map {estimate.message}")
         maps = self.missing_maps(prompts)
         for i, w in enumerate(maps):
             yield Progress(i, len(maps), f"cell map around the click {i + 1}/{len(maps)}")
