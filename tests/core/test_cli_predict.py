@@ -222,7 +222,7 @@ def test_map_scale_reaches_the_annotation_config_and_bad_zooms_are_user_errors(t
     tifffile.imwrite(tmp_path / "c.tif", (image * 1000).astype(np.uint16))
     base = ["predict", str(tmp_path / "c.tif"), "--model", "litemedsam", "--device", "cpu", "--point", "20", "20",
             "--out", str(tmp_path / "o.tif")]
-    for extra, want in (([], 1.0), (["--map-scale", "0.5"], 0.5)):
+    for extra, want in (([], "auto"), (["--map-scale", "0.5"], 0.5), (["--map-scale", "auto"], "auto")):
         try:
             main(base + extra)
         except (KeyboardInterrupt, SystemExit):
@@ -230,4 +230,4 @@ def test_map_scale_reaches_the_annotation_config_and_bad_zooms_are_user_errors(t
         assert seen[-1] == want
     assert main(base + ["--map-scale", "8"]) == 2
     assert "map_scale must be a zoom between 0.25 and 4, got 8.0" in capsys.readouterr().err
-    assert len(seen) == 2  # refused before the segmenter is built
+    assert len(seen) == 3  # refused before the segmenter is built

@@ -734,6 +734,10 @@ def test_map_zoom_auto_measures_the_cells_around_the_first_click_once_per_plane(
     assert any(r.message.startswith(f"map zoom {est.scale:g}: cells of") for r in records)
     run_to_completion(seg.run([ObjectPrompt(points=[[100, 500]])]))
     assert seg.size_estimate is est and len(calls) == 3 and calls[2] == (side, side)
+    # the measuring map is not a click map: at zoom 1 a click still gets a window centred on it
+    seg.config = AnnotationConfig(map_scale=1.0)
+    assert seg.missing_maps([ObjectPrompt(points=[[300, 300]])]) == [seg.map_window((300, 300))]
+    seg.config = AnnotationConfig(map_scale="auto")
     seg.set_image(img[:, ::-1].copy())  # another plane: measured again
     run_to_completion(seg.run([ObjectPrompt(points=[[300, 300]])]))
     assert seg.size_estimate is not est and calls[3] == (600, 600)

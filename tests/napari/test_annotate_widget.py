@@ -473,22 +473,25 @@ def test_a_click_is_answered_from_the_cell_map_of_a_distance_model(setup, qtbot,
     assert obj.window.contains(_bbox(labels, 3)) and calls == [False]  # the map was cached
     assert len(widget.cache) == 0  # no embedding: the answer is the map cell
     widget.map_cell_check.setChecked(False)
+    # map zoom "auto" is the default, but this model records no training cell sizes: its maps are at zoom 1
+    assert widget.map_auto_check.isChecked() and widget.config.map_scale == "auto"
+    widget.map_auto_check.setChecked(False)
     widget.map_scale_spin.setValue(0.5)  # the map zoom: a new map, in the worker, for the same click
     assert widget.config.map_scale == 0.5
     qtbot.waitUntil(lambda: _preview_ready(widget) and len(calls) == 2, timeout=TIMEOUT)
     assert calls == [False, False]
     (obj,) = widget._current
     assert obj.window.contains(_bbox(labels, 3))
-    widget.map_auto_check.setChecked(True)  # the map zoom estimated: the cells around the click measured first
+    # a model that records its training cells' sizes (the packaged one, fine-tuned ones): the map zoom estimated
+    model.meta["cell_diameters"] = {"all": {"p10": 2.0, "median": 20.0, "p90": 200.0}}
+    widget.map_auto_check.setChecked(True)  # the cells around the click measured first
     assert widget.config.map_scale == "auto" and not widget.map_scale_spin.isEnabled()
-    qtbot.waitUntil(lambda: "map zoom 1 (this model records no training cell sizes" in widget.status.text(),
-                    timeout=TIMEOUT)
-    # the measuring window (4 crops a side, clipped to this 128 px plane) is the plane's map at zoom 1: cached
-    assert calls == [False, False]
+    qtbot.waitUntil(lambda: "; map zoom 1" in widget.status.text(), timeout=TIMEOUT)
+    assert calls == [False, False, False]  # the measuring map (4 crops a side, clipped to the plane), in the worker
     assert widget.map_scale_spin.value() == 1.0
     widget.map_auto_check.setChecked(False)
     assert widget.config.map_scale == 1.0 and widget.map_scale_spin.isEnabled()
     widget.map_check.setChecked(False)
     assert not widget.config.clicks_from_map
     qtbot.waitUntil(lambda: _preview_ready(widget), timeout=TIMEOUT)
-    assert calls == [False, False]
+    assert calls == [False, False, False]  # no map without clicks from the map

@@ -15,3 +15,13 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
                              "2x faster on CPUs with native "
                              "bfloat16 (AVX-512 BF16, AMX), slightly different masks; auto: bfloat16 on such a CPU, "
                              f"float32 elsewhere (default: ${PRECISION_ENV} or auto)")
+
+
+def zoom_argument(text: str):
+    """``--scale`` and ``--map-scale``: a number, or ``auto`` (the zoom estimated from the cells a first map finds)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a zoom such as 0.5 or 'auto', got {text!r}") from None

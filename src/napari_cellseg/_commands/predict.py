@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 
-from napari_cellseg._commands import add_precision_argument
+from napari_cellseg._commands import add_precision_argument, zoom_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,10 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--click-answer", choices=["sam", "map"], default="sam",
                         help="a click the cell map finds a cell for: SAM's drawing from the cell's box (default, as "
                              "in the widget) or the map cell itself (faster; clicks with --neg-point still go to SAM)")
-    parser.add_argument("--map-scale", type=float, default=1.0, metavar="ZOOM",
+    parser.add_argument("--map-scale", type=zoom_argument, default="auto", metavar="ZOOM",
                         help="zoom of a click's map window before the model sees it (0.25-4; 1: as it is): below 1 "
                              "for cells much larger than the model's training cells, above 1 for tiny ones, as "
-                             "segment --scale")
+                             "segment --scale; 'auto' (the default): measured once around the first click, for "
+                             "models that record their training cells' sizes (else 1)")
     parser.add_argument("--missed-click", choices=["box", "point"], default="box",
                         help="a click on which the cell map sees no cell: a box of the typical cell size centred on "
                              "it (default, as in the widget) or the click as a point")

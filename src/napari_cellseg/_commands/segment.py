@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from napari_cellseg._commands import add_precision_argument
+from napari_cellseg._commands import add_precision_argument, zoom_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,16 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="keep SAM's three answers per point (SAM's automatic mode)")
     grid.add_argument("--max-downscale", type=float, default=None,
                       help="embed the image whole up to this many times the model input, else in crops (4)")
-
-
-def zoom_argument(text: str):
-    """``--scale``: a number, or ``auto`` (the zoom estimated from a first pass, ``DistanceConfig(scale="auto")``)."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a zoom such as 0.5 or 'auto', got {text!r}") from None
 
 
 def _settings(args: argparse.Namespace, mode: str) -> dict:

@@ -268,6 +268,8 @@ class AnnotationWidget(QWidget):
             "Estimate the map zoom once per image: the cells of the first click's map window at zoom 1 are "
             "measured and, when they lie outside the model's training cells' sizes, the maps are made at the "
             "zoom that brings them there (the status line says what was measured; the zoom shows beside)")
+        self.map_auto_check.setChecked(True)  # the default (AnnotationConfig.map_scale "auto")
+        self.map_scale_spin.setEnabled(False)
         self.map_auto_check.toggled.connect(self._on_map_auto)
         self.views_combo = QComboBox()
         self.views_combo.addItem("auto (8 for LiteMedSAM-sized models on a GPU, else 1)", None)
