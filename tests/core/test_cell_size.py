@@ -102,3 +102,18 @@ def test_training_data_records_the_cell_sizes_per_kind():
     sizes = data.summary["cell_diameters"]
     assert set(sizes) == {"fluorescence", "all"}
     assert sizes["fluorescence"]["median"] == pytest.approx(24, rel=0.05) and sizes["fluorescence"]["cells"] == 16
+
+
+def test_a_further_trained_model_widens_its_size_range_and_targets_the_new_cells():
+    base = {"fluorescence": {"p10": 9.0, "median": 20.0, "p90": 31.4, "cells": 100},
+            "phase": {"p10": 31.7, "median": 54.2, "p90": 83.0, "cells": 50}}
+    new = {"fluorescence": {"p10": 38.0, "median": 45.0, "p90": 52.0, "cells": 36},
+           "colour": {"p10": 10.0, "median": 15.0, "p90": 20.0, "cells": 30}}
+    merged = cs.merge_size_tables(base, new)
+    assert merged["fluorescence"] == {"p10": 9.0, "median": 45.0, "p90": 52.0, "cells": 136}
+    assert merged["phase"] == base["phase"] and merged["colour"] == new["colour"]
+    # nuclei 36 px across keep zoom 1 with the merged table; the new table alone would zoom them in
+    lab = discs(36, 9)
+    assert cs.estimate_scale(lab, dark_image(lab), merged).scale == 1.0
+    assert cs.estimate_scale(lab, dark_image(lab), new).scale != 1.0
+    assert cs.merge_size_tables({}, new) == new

@@ -3,7 +3,8 @@
 The DSB 2018 group "360x360 fluorescence" is held out whole from the default model's training
 (docs/model_card.md), like a user's own cells. docs/finetuning.md reports the full benchmark
 (``benchmarks/bench_finetune.py --dsb-group``: 3 minutes, 21 held-out images); this test trains a few epochs and
-checks the automatic distance mode on the group's first three images (file-name order).
+checks the automatic distance mode on the group's first three images (file-name order), against the default model
+at zoom 1 and with its automatic zoom.
 """
 
 from __future__ import annotations
@@ -44,13 +45,26 @@ def test_one_image_of_an_unseen_kind_lifts_the_default_models_automatic_ap(share
     result = run_to_completion(ft.Finetuner(base, data, config).run())
     assert result.stopped == "finished"
 
-    def ap50(model, name):
+    def ap50(model, name, **settings):
         img, gt = _pair(shared_data, name)
-        return float(average_precision(gt, auto.segment(img, model, mode="distance").labels, (0.5,))[0].ap)
+        config = auto.make_config("distance", model, **settings)
+        return float(average_precision(gt, auto.segment(img, model, "distance", config).labels, (0.5,))[0].ap)
 
-    before = [ap50(base, n) for n in HELD_OUT]
+    # the default model at the image's own scale splits these nuclei (twice its training nuclei's size) ...
+    before = [ap50(base, n, scale=1.0) for n in HELD_OUT]
     after = [ap50(result.model, n) for n in HELD_OUT]
     assert np.mean(after) >= np.mean(before) + 0.15, (before, after)
     assert np.mean(after) >= 0.65, (before, after)
+    # ... the fine-tuned model learned their size: it records it, and its automatic zoom keeps zoom 1 on them
+    sizes, before_sizes = result.model.meta["cell_diameters"], base.meta["cell_diameters"]
+    assert sizes["fluorescence"]["median"] > 35 and sizes["phase"] == before_sizes["phase"]
+    # the range widened to the new nuclei and kept the training nuclei's
+    assert sizes["fluorescence"]["p10"] == before_sizes["fluorescence"]["p10"]
+    assert sizes["fluorescence"]["p90"] > 40
+    img, _ = _pair(shared_data, HELD_OUT[0])
+    assert auto.segment(img, result.model, "distance").size_estimate.scale == 1.0
+    # the default model's own automatic zoom (its default) also lifts it, without training
+    zoomed = [ap50(base, n) for n in HELD_OUT]
+    assert np.mean(zoomed) >= np.mean(before) + 0.15, (before, zoomed)
     # the shipped model is left as it was
     assert all(bool((base.sam.state_dict()[k] == v).all()) for k, v in before_state.items())

@@ -101,6 +101,28 @@ def size_table(diameters_by_kind: dict[str, list[np.ndarray] | np.ndarray]) -> d
     return table
 
 
+def merge_size_tables(base: dict, new: dict) -> dict[str, dict[str, float]]:
+    """The size table of a model trained further from ``base`` on cells of the ``new`` table.
+
+    Per kind both: the new cells' median (the zoom's target), the wider of the two 10th-90th percentile ranges
+    (a model keeps handling the sizes it was trained on before), the cells of both. The base's other kinds stay.
+
+    >>> merge_size_tables({"fluorescence": {"p10": 9, "median": 20, "p90": 31, "cells": 100}},
+    ...                   {"fluorescence": {"p10": 38, "median": 45, "p90": 52, "cells": 36}})["fluorescence"]
+    {'p10': 9, 'median': 45, 'p90': 52, 'cells': 136}
+    """
+    out = {k: dict(v) for k, v in (base or {}).items()}
+    for kind, stats in (new or {}).items():
+        old = out.get(kind)
+        if old is None:
+            out[kind] = dict(stats)
+            continue
+        out[kind] = {"p10": min(old["p10"], stats["p10"]), "median": stats["median"],
+                     "p90": max(old["p90"], stats["p90"]),
+                     "cells": int(old.get("cells", 0) or 0) + int(stats.get("cells", 0) or 0)}
+    return out
+
+
 def model_cell_sizes(meta: dict | None) -> dict[str, dict[str, float]]:
     """A model's training cell diameters per image kind (``meta["cell_diameters"]``), or ``{}``.
 

@@ -2102,8 +2102,10 @@ class Finetuner:
         }
         sizes = self.train.summary.get("cell_diameters") or {}
         if sizes or prev.get("cell_diameters"):
-            # the kinds this stage trained on replace the base's; the base's other kinds stay
-            meta["cell_diameters"] = {**(prev.get("cell_diameters") or {}), **sizes}
+            from .cell_size import merge_size_tables
+
+            # the new cells' median is the zoom's target; the ranges widen to cover the base's training cells
+            meta["cell_diameters"] = merge_size_tables(prev.get("cell_diameters") or {}, sizes)
         if output == "distance":
             inherited = prev.get("thresholds") if cfg.recipe not in DISTANCE_RECIPES else None
             meta["thresholds"] = dict(cfg.thresholds or inherited or DEFAULT_DISTANCE_THRESHOLDS)
