@@ -137,12 +137,12 @@ def rule_zoom(model, image, labels) -> float:
     return cell_size.estimate_scale(labels, normalize_image(image), cell_size.model_cell_sizes(model.meta)).scale
 
 
-def automatic(model, image, labels, mode: str, scale: float = 1.0) -> dict:
+def automatic(model, image, labels, mode: str, scale: float = 1.0, zoom_views: tuple = ()) -> dict:
     from napari_cellseg.core import automatic as auto
     from napari_cellseg.core.metrics import average_precision
 
     t = time.perf_counter()
-    config = auto.make_config(mode, model, **({} if mode == "grid" else {"scale": scale}))
+    config = auto.make_config(mode, model, **({} if mode == "grid" else {"scale": scale, "zoom_views": zoom_views}))
     res = auto.segment(image, model, mode=mode, config=config)
     seconds = time.perf_counter() - t
     s50, s75 = average_precision(labels, res.labels, (0.5, 0.75))
@@ -217,6 +217,9 @@ def main(argv=None) -> int:
                         "card's rule from the ground truth's cell diameter (rule: see rule_zoom), or with the "
                         "zoom estimated from a first pass at zoom 1 (auto: DistanceConfig(scale='auto'); clicks "
                         "measure the cells around the first click, AnnotationConfig(map_scale='auto'))")
+    p.add_argument("--zoom-views", type=float, nargs="*", default=[],
+                   help="distance and guided modes: extra zooms (relative) whose maps are averaged in "
+                        "(DistanceConfig.zoom_views, test-time augmentation)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -247,7 +250,7 @@ def main(argv=None) -> int:
                 if mode != "distance" and args.mode_images is not None and n_img % max(
                         1, len(items) // args.mode_images) != 0:
                     continue
-                r = automatic(model, image, labels, mode, zoom if mode != "grid" else 1.0)
+                r = automatic(model, image, labels, mode, zoom if mode != "grid" else 1.0, tuple(args.zoom_views))
                 row[f"{mode}_ap50"], row[f"{mode}_ap75"] = r["ap50"], r["ap75"]
                 if "zoom" in r:
                     row[f"{mode}_zoom"] = r["zoom"]

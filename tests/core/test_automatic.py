@@ -392,6 +392,25 @@ def test_scale_is_checked_and_huge_zooms_are_refused(distance_model):
         auto.scale_for_diameter(0, 40)
 
 
+def test_zoom_views_average_the_maps_at_the_extra_zooms(distance_model):
+    from napari_cellseg.core.progress import run_to_completion
+
+    image01, _ = auto.prepare_image(_cells((120, 100), [(40, 40), (80, 60)], [15, 12], seed=3)[0])
+    cfg = auto.DistanceConfig()
+    maps = {s: run_to_completion(auto.predict_distance_map(None, distance_model, cfg.updated(scale=s),
+                                                           image01=image01)) for s in (1.0, 1.25, 0.8)}
+    records = []
+    both = run_to_completion(auto.predict_distance_map(None, distance_model, cfg.updated(zoom_views=(1.25, 0.8)),
+                                                       image01=image01), records.append)
+    np.testing.assert_allclose(both, (maps[1.0] + maps[1.25] + maps[0.8]) / 3, atol=1e-6)
+    assert any(r.message.startswith("zoom view 2/2 (zoom 0.8)") for r in records)
+    assert auto.make_config("guided", distance_model, zoom_views=(1.25,)).distance.zoom_views == (1.25,)
+    assert auto.DistanceConfig.from_json(cfg.updated(zoom_views=(1.25,)).to_json()).zoom_views == [1.25]
+    for bad in ((3.0,), (0.1,), 1.25, (float("nan"),), (True,)):
+        with pytest.raises(ValueError, match="zoom_views must be zooms between 0.5 and 2"):
+            auto.DistanceConfig(zoom_views=bad).validate()
+
+
 def test_auto_scale_measures_again_after_each_zoom_and_stops_after_three_maps(distance_model, monkeypatch):
     """A model that splits large cells measures them too small at first: the auto zoom maps again at the zoom
     each measurement asks for, up to ``MAX_PASSES`` maps, and says when it stopped short."""
@@ -429,6 +448,12 @@ def test_auto_scale_measures_again_after_each_zoom_and_stops_after_three_maps(di
     assert est.message.startswith("zoom 0.33: cells of 40 px at zoom 1, 60 px at zoom 0.5, 80 px at zoom 0.33")
     assert est.message.endswith("(measured there, they would need zoom 0.25: set it by hand)")
     assert cell_size.MAX_PASSES == 3
+    # zoom views are added to the last map only, at its zoom: the measuring passes stay plain
+    view = round(0.33 * 1.25, 3)
+    measured[view] = 80
+    zooms.clear()
+    res = auto.segment(image, distance_model, "distance", cfg.updated(zoom_views=(1.25,)))
+    assert zooms == [1.0, 0.5, 0.33, view] and res.size_estimate.scale == 0.33
 
 
 # ---------------------------------------------------------------------------

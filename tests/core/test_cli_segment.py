@@ -189,3 +189,11 @@ def test_scale_auto_estimates_the_zoom_and_says_so(tmp_path, monkeypatch, capsys
         main([*base, "--scale", "big", "--out", str(tmp_path / "c")])
     assert exit_info.value.code == 2
     assert "--scale: expected a zoom such as 0.5 or 'auto', got 'big'" in capsys.readouterr().err
+
+
+def test_zoom_views_reach_the_distance_configuration(tmp_path, monkeypatch, capsys):
+    base, seen = _distance_run(tmp_path, monkeypatch, "zoom_views")
+    assert main([*base, "--zoom-views", "1.25", "0.8", "--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
+    assert seen[0] == (1.25, 0.8)  # the segmentation's call; the views are then mapped plain
+    assert main([*base, "--zoom-views", "5", "--out", str(tmp_path / "b")]) == 2
+    assert "zoom_views must be zooms between 0.5 and 2" in capsys.readouterr().err

@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "above 1 for tiny ones; 'auto': measure the cells a first pass at zoom 1 finds and "
                            "zoom when they lie outside the model's training sizes (the default for models that "
                            "record them: the default model, fine-tuned ones; else 1; see docs/automatic.md)")
+    dist.add_argument("--zoom-views", type=float, nargs="+", default=None, metavar="Z",
+                      help="test-time augmentation over zoom: also map the image at the zoom times each Z (0.5-2) "
+                           "and average the maps, e.g. --zoom-views 1.25 (each view costs a map of its zoomed "
+                           "pixels; see docs/automatic.md, 'Zoom views')")
     dist.add_argument("--embed-window", type=int, default=None, metavar="PX",
                       help="embed neighbouring crops together in windows up to this side (704; 0: crop by crop; "
                            "default: 704 where the encoder runs in bfloat16 on a CPU, else 0; TinyViT models)")
@@ -87,6 +91,7 @@ def _settings(args: argparse.Namespace, mode: str) -> dict:
         "max_area_fraction": args.max_area, "min_area": args.min_area, "multimask": args.multimask,
         "max_downscale": args.max_downscale, "views": args.views, "invert": args.invert,
         "embed_window": args.embed_window, "scale": args.scale,
+        "zoom_views": tuple(args.zoom_views) if args.zoom_views else None,
     }
     if args.min_size is not None:
         given["min_area" if mode == "grid" else "min_size"] = args.min_size

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import QDoubleSpinBox
+from qtpy.QtWidgets import QCheckBox, QDoubleSpinBox, QHBoxLayout, QWidget
 
 from napari_cellseg.core.automatic import MAX_SCALE, MIN_SCALE
 
@@ -17,3 +17,20 @@ def zoom_spin_box(tooltip: str) -> QDoubleSpinBox:
     spin.setSuffix(" x")
     spin.setToolTip(tooltip)
     return spin
+
+
+def zoom_controls(tooltip: str, auto_tooltip: str) -> tuple[QDoubleSpinBox, QCheckBox, QWidget]:
+    """A zoom spin box with an "auto" box beside it, ticked (the zoom estimated; the spin box disabled until the
+    user unticks it), and the row widget holding both for a form."""
+    spin = zoom_spin_box(tooltip)
+    check = QCheckBox("auto")
+    check.setToolTip(auto_tooltip)
+    check.setChecked(True)
+    spin.setEnabled(False)
+    row = QHBoxLayout()
+    row.setContentsMargins(0, 0, 0, 0)
+    row.addWidget(spin, 1)
+    row.addWidget(check)
+    box = QWidget()
+    box.setLayout(row)
+    return spin, check, box

@@ -44,7 +44,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_cellseg._napari._controls import zoom_spin_box
+from napari_cellseg._napari._controls import zoom_controls
 from napari_cellseg._napari.session import session_for
 from napari_cellseg.core.interactive import (
     AnnotationConfig,
@@ -255,21 +255,17 @@ class AnnotationWidget(QWidget):
             "cached embedding."
         )
         self.threshold_spin.valueChanged.connect(self._on_settings_changed)
-        self.map_scale_spin = zoom_spin_box(
+        self.map_scale_spin, self.map_auto_check, self._map_zoom_box = zoom_controls(
             "Clicks from the cell map: zoom of the map window before the model sees it, as the automatic "
             "widget's Zoom. Below 1 for cells much larger than the model's training cells (its map splits them), "
             "above 1 for tiny ones. The default model's training cells: nuclei 9-31 px across (median 20), "
             "phase-contrast cells 32-83 px (median 54); outside that range zoom by median / your diameter "
-            "(docs/model_card.md)."
-        )
+            "(docs/model_card.md).",
+            "Estimate the map zoom once per image (the default): at the first click, a map at zoom 1 of 1,024 px "
+            "around it is cut into cells and measured; when they lie outside the model's training cells' sizes, "
+            "the click maps are made at the zoom that brings them there (the status line says what was measured; "
+            "the zoom shows beside)")
         self.map_scale_spin.valueChanged.connect(self._on_settings_changed)
-        self.map_auto_check = QCheckBox("auto")
-        self.map_auto_check.setToolTip(
-            "Estimate the map zoom once per image: the cells of the first click's map window at zoom 1 are "
-            "measured and, when they lie outside the model's training cells' sizes, the maps are made at the "
-            "zoom that brings them there (the status line says what was measured; the zoom shows beside)")
-        self.map_auto_check.setChecked(True)  # the default (AnnotationConfig.map_scale "auto")
-        self.map_scale_spin.setEnabled(False)
         self.map_auto_check.toggled.connect(self._on_map_auto)
         self.views_combo = QComboBox()
         self.views_combo.addItem("auto (8 for LiteMedSAM-sized models on a GPU, else 1)", None)
@@ -345,13 +341,7 @@ class AnnotationWidget(QWidget):
         form.addRow("Model", self.model_label)
         form.addRow("Target labels", self.target_combo)
         form.addRow("Mask threshold", self.threshold_spin)
-        map_zoom_row = QHBoxLayout()
-        map_zoom_row.setContentsMargins(0, 0, 0, 0)
-        map_zoom_row.addWidget(self.map_scale_spin, 1)
-        map_zoom_row.addWidget(self.map_auto_check)
-        map_zoom_box = QWidget()
-        map_zoom_box.setLayout(map_zoom_row)
-        form.addRow("Map zoom", map_zoom_box)
+        form.addRow("Map zoom", self._map_zoom_box)
         form.addRow("Orientations", self.views_combo)
         form.addRow("Inverted contrast", self.invert_combo)
         prompts_row = QHBoxLayout()

@@ -36,7 +36,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_cellseg._napari._controls import zoom_spin_box
+from napari_cellseg._napari._controls import zoom_controls
 from napari_cellseg._napari.session import session_for
 from napari_cellseg.core import automatic as auto
 from napari_cellseg.core.cpu_memory import reuse_freed_memory
@@ -202,28 +202,19 @@ class AutomaticWidget(QWidget):
         self.max_area_spin.setToolTip("Grid mode: masks larger than this share of the image are dropped when the "
                                       "network runs (CellSeg1: 10%); raise it for images of a few large cells")
         form.addRow("Max mask area", self.max_area_spin)
-        self.scale_spin = zoom_spin_box(
+        self.scale_spin, self.auto_zoom_check, zoom_box = zoom_controls(
             "Distance and guided modes: zoom of the image before the distance model sees it (the labels stay at "
             "the image's size). The model splits cells much larger than its training cells and misses much "
             "smaller ones. The default model's training cells: nuclei 9-31 px across (median 20), phase-contrast "
             "cells 32-83 px (median 54). Outside that range zoom by median / your diameter (0.43 for nuclei 47 px "
-            "across: held-out AP@0.5 0.55 -> 0.79). Press Run after changing it; see docs/model_card.md")
+            "across: held-out AP@0.5 0.55 -> 0.79). Press Run after changing it; see docs/model_card.md",
+            "Estimate the zoom (the default): map the image at zoom 1, measure the cells found, and map it again "
+            "at the zoom that brings them to the model's training cells when they lie outside their sizes (the "
+            "model card's rule; the status line says what was measured). The zoom found is shown beside; untick "
+            "to set your own. No second pass when the cells are within the training sizes; tiny cells are seldom "
+            "seen, set their zoom by hand")
         self.scale_spin.valueChanged.connect(self._on_zoom_changed)
-        self.auto_zoom_check = QCheckBox("auto")
-        self.auto_zoom_check.setToolTip(
-            "Estimate the zoom: map the image at zoom 1, measure the cells found, and map it again at the zoom "
-            "that brings them to the model's training cells when they lie outside their sizes (the model card's "
-            "rule; the status line says what was measured). The zoom found is shown beside; untick to set your "
-            "own. No second pass when the cells are within the training sizes")
-        self.auto_zoom_check.setChecked(True)  # before connecting: the spin box is disabled below
-        self.scale_spin.setEnabled(False)
         self.auto_zoom_check.toggled.connect(self._on_auto_zoom)
-        zoom_row = QHBoxLayout()
-        zoom_row.setContentsMargins(0, 0, 0, 0)
-        zoom_row.addWidget(self.scale_spin, 1)
-        zoom_row.addWidget(self.auto_zoom_check)
-        zoom_box = QWidget()
-        zoom_box.setLayout(zoom_row)
         form.addRow("Zoom", zoom_box)
         self.sliders: dict[str, _FloatSlider] = {}
         self._slider_rows: dict[str, tuple[QLabel, _FloatSlider]] = {}
