@@ -65,7 +65,7 @@ def validation_images(usiigaci: list[int], dsb_per_kind: int) -> list[dict]:
     for r in datasets.dsb_index():
         if r["split"] == "validation":
             by_kind.setdefault(r["kind"], []).append(r)
-    for _, recs in sorted(by_kind.items()):
+    for _, recs in sorted(by_kind.items()) if dsb_per_kind > 0 else []:
         step = max(1, len(recs) // dsb_per_kind)
         for r in recs[::step][:dsb_per_kind]:
             items.append({**_dsb_item(r), "held_out": r["held_out"]})

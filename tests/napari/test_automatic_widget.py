@@ -148,8 +148,16 @@ def test_zoom_reaches_the_distance_map_and_the_labels_keep_the_image_size(setup,
     assert "press Run to map the image at zoom 0.5" in widget.status.text() and len(seen) == n
     widget.scale_spin.setValue(2.5)
     assert "press Run" not in widget.status.text()
+    widget.zoom_views_check.setChecked(True)  # test-time augmentation over zoom: one more map at 2.5 x 1.25
+    assert widget.thresholds()["zoom_views"] == (1.25,)
+    n = len(seen)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=60000)
+    # the 120 x 100 image at zoom 2.5 (300 x 250: 2 crops of 256 px, as above) and at 3.125 (375 x 313: 4 more)
+    assert len(seen) - n == 6 and widget.output_layer().data.shape == (120, 100)
     _select_mode(widget, "grid")
     assert not widget.scale_spin.isEnabled() and "scale" not in widget.thresholds()
+    assert not widget.zoom_views_check.isEnabled() and "zoom_views" not in widget.thresholds()
 
 
 def test_auto_zoom_maps_again_at_the_estimated_zoom_and_shows_it(setup, qtbot, monkeypatch):
