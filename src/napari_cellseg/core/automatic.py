@@ -88,7 +88,7 @@ from .preprocess import (
     view_boxes,
     view_points,
 )
-from .progress import Progress, run_to_completion
+from .progress import Progress, prefixed, run_to_completion
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -246,6 +246,10 @@ class DistanceConfig(_Config):
     embed_window: int | None = None
     scale: float | str = 1.0
     zoom_views: tuple = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.zoom_views, list):  # from JSON
+            self.zoom_views = tuple(self.zoom_views)
 
     def validate(self) -> None:
         pp.check_thresholds(self.peak, self.fill)
@@ -895,14 +899,8 @@ def _add_zoom_views(dmap: np.ndarray, image01: np.ndarray, model: LoadedModel, c
     top = largest_scale(image01.shape[:2])
     for i, z in enumerate(zooms, start=1):
         s = float(np.clip(round(float(config.scale) * float(z), 3), MIN_SCALE, top))
-        view = predict_distance_map(None, model, config.updated(scale=s), image01=image01)
-        while True:
-            try:
-                rec = next(view)
-            except StopIteration as stop:
-                total += stop.value
-                break
-            yield Progress(rec.step, rec.total, f"zoom view {i}/{len(zooms)} (zoom {s:g}): {rec.message}", rec.data)
+        total += yield from prefixed(predict_distance_map(None, model, config.updated(scale=s), image01=image01),
+                                     f"zoom view {i}/{len(zooms)} (zoom {s:g}): ")
     return total / (1 + len(zooms))
 
 
@@ -934,14 +932,9 @@ def distance_map_at_scale(
     views, config = tuple(config.zoom_views), replace(config, zoom_views=())  # the views: on the last map only
     scale, estimate, prefix = 1.0, None, ""
     for k in range(cell_size.MAX_PASSES):
-        passing = predict_distance_map(None, model, config.updated(scale=scale), image01=image01)
-        while True:  # the passes after the first say which zoom they map at
-            try:
-                rec = next(passing)
-            except StopIteration as stop:
-                dmap = stop.value
-                break
-            yield Progress(rec.step, rec.total, prefix + rec.message, rec.data) if prefix else rec
+        # the passes after the first say which zoom they map at
+        dmap = yield from prefixed(predict_distance_map(None, model, config.updated(scale=scale), image01=image01),
+                                   prefix)
         labels = pp.labels_from_distance_map(dmap, peak=config.peak, fill=config.fill, min_size=config.min_size,
                                              fill_holes=config.fill_holes)
         estimate = cell_size.estimate_scale(labels, image01, sizes, MIN_SCALE, top, scale,

@@ -9,7 +9,7 @@ the next yield). Nothing here knows about Qt.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -74,6 +74,24 @@ def run_to_completion(
             return stop.value
         if callback is not None:
             callback(record)
+
+
+def prefixed(gen: Generator[Progress, Any, T], prefix: str) -> Generator[Progress, None, T]:
+    """Re-yield a progress generator's records with ``prefix`` before each message, and return its result.
+
+    >>> def work():
+    ...     yield Progress(1, 2, "crop 1/2")
+    ...     return 7
+    >>> seen = []
+    >>> run_to_completion(prefixed(work(), "zoom 0.5 - "), seen.append), seen[0].message
+    (7, 'zoom 0.5 - crop 1/2')
+    """
+    while True:
+        try:
+            record = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        yield replace(record, message=prefix + record.message) if prefix else record
 
 
 class TerminalProgress:
