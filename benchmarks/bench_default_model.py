@@ -104,11 +104,11 @@ def sample_cells(labels: np.ndarray, n: int, rng) -> list[tuple[int, tuple[int, 
 
 
 def prompt_ious(model, image, labels, cells, views: int = 1, invert: bool | None = None,
-                click_answer: str = "sam", map_scale: float = 1.0) -> dict:
+                click_answer: str = "sam", map_scale: float = 1.0, map_zoom_views: tuple = ()) -> dict:
     from napari_cellseg.core.interactive import AnnotationConfig, InteractiveSegmenter, ObjectPrompt
 
     seg = InteractiveSegmenter(model, config=AnnotationConfig(views=views, invert=invert, click_answer=click_answer,
-                                                              map_scale=map_scale))
+                                                              map_scale=map_scale, map_zoom_views=map_zoom_views))
     seg.set_image(image)
     out = {}
     for kind in ("clicks", "boxes"):
@@ -220,6 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--zoom-views", type=float, nargs="*", default=[],
                    help="distance and guided modes: extra zooms (relative) whose maps are averaged in "
                         "(DistanceConfig.zoom_views, test-time augmentation)")
+    p.add_argument("--map-zoom-views", type=float, nargs="*", default=[],
+                   help="clicks: extra zooms whose click maps are averaged in (AnnotationConfig.map_zoom_views)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -259,7 +261,7 @@ def main(argv=None) -> int:
             if not args.no_prompts:
                 cells = sample_cells(labels, args.cells_per_image, rng)
                 ious = prompt_ious(model, image, labels, cells, args.views, INVERT[args.invert], args.click_answer,
-                                   zoom)
+                                   zoom, tuple(args.map_zoom_views))
                 row["click_iou"], row["box_iou"] = ious["clicks"], ious["boxes"]
                 if "map_zoom" in ious:
                     row["click_map_zoom"] = ious["map_zoom"]

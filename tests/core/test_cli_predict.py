@@ -182,7 +182,7 @@ def test_missed_click_and_click_answer_options_reach_the_annotation_config(tmp_p
     values are refused."""
     from napari_cellseg.core import interactive
 
-    seen = []
+    seen, views = [], []
 
     class Capture(interactive.InteractiveSegmenter):
         def __init__(self, model, config=None):
@@ -210,11 +210,12 @@ def test_missed_click_and_click_answer_options_reach_the_annotation_config(tmp_p
 def test_map_scale_reaches_the_annotation_config_and_bad_zooms_are_user_errors(tmp_path, monkeypatch, capsys):
     from napari_cellseg.core import interactive
 
-    seen = []
+    seen, views = [], []
 
     class Capture(interactive.InteractiveSegmenter):
         def __init__(self, model, config=None):
             seen.append(config.map_scale)
+            views.append(config.map_zoom_views)
             raise KeyboardInterrupt  # stop before any network work
 
     monkeypatch.setattr(interactive, "InteractiveSegmenter", Capture)
@@ -222,7 +223,8 @@ def test_map_scale_reaches_the_annotation_config_and_bad_zooms_are_user_errors(t
     tifffile.imwrite(tmp_path / "c.tif", (image * 1000).astype(np.uint16))
     base = ["predict", str(tmp_path / "c.tif"), "--model", "litemedsam", "--device", "cpu", "--point", "20", "20",
             "--out", str(tmp_path / "o.tif")]
-    for extra, want in (([], "auto"), (["--map-scale", "0.5"], 0.5), (["--map-scale", "auto"], "auto")):
+    for extra, want in (([], "auto"), (["--map-scale", "0.5"], 0.5), (["--map-scale", "auto"], "auto"),
+                        (["--map-zoom-views", "1.25"], "auto")):
         try:
             main(base + extra)
         except (KeyboardInterrupt, SystemExit):
@@ -230,4 +232,5 @@ def test_map_scale_reaches_the_annotation_config_and_bad_zooms_are_user_errors(t
         assert seen[-1] == want
     assert main(base + ["--map-scale", "8"]) == 2
     assert "map_scale must be a zoom between 0.25 and 4, got 8.0" in capsys.readouterr().err
-    assert len(seen) == 3  # refused before the segmenter is built
+    assert len(seen) == 4  # refused before the segmenter is built
+    assert views == [(), (), (), (1.25,)]

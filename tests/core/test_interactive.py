@@ -746,6 +746,32 @@ def test_map_zoom_auto_measures_the_cells_around_the_first_click_once_per_plane(
         AnnotationConfig(map_scale="big")
 
 
+def test_map_zoom_views_reach_the_click_maps_and_key_them(map_model, image, monkeypatch):
+    """map_zoom_views: the click's map is asked with those zoom views (test-time augmentation), and cached apart
+    from the plain map of the same window."""
+    from napari_cellseg.core import automatic as auto
+
+    model, calls = map_model
+    views = []
+    fake = auto.predict_distance_map
+
+    def spy(image_, model_, config=None, channel=None, image01=None):
+        views.append(config.zoom_views)
+        return fake(image_, model_, config, channel, image01)
+
+    monkeypatch.setattr(auto, "predict_distance_map", spy)
+    seg = InteractiveSegmenter(model, config=AnnotationConfig(map_scale=1.0, map_zoom_views=[1.25]))
+    assert seg.config.map_zoom_views == (1.25,)
+    seg.set_image(image)
+    seg.guide_clicks([ObjectPrompt(points=[[60, 75]])])
+    assert views == [(1.25,)]
+    seg.config = AnnotationConfig(map_scale=1.0)
+    seg.guide_clicks([ObjectPrompt(points=[[60, 75]])])
+    assert views == [(1.25,), ()]  # not the averaged map of the same window
+    with pytest.raises(ValueError, match="map_zoom_views must be zooms between 0.5 and 2"):
+        AnnotationConfig(map_zoom_views=(4.0,))
+
+
 def test_click_answer_map_answers_with_the_map_cell_unless_negative_points_come_with_it(map_model, image):
     """click_answer="map": the map cell itself, without an embedding; with negative points SAM draws from the
     cell's box. The default, click_answer="sam", always sends the box to SAM."""

@@ -491,7 +491,13 @@ def test_a_click_is_answered_from_the_cell_map_of_a_distance_model(setup, qtbot,
     assert widget.map_scale_spin.value() == 1.0
     widget.map_auto_check.setChecked(False)
     assert widget.config.map_scale == 1.0 and widget.map_scale_spin.isEnabled()
+    widget.map_views_check.setChecked(True)  # the click maps averaged with a view at zoom x1.25
+    assert widget.config.map_zoom_views == (1.25,)
+    qtbot.waitUntil(lambda: _preview_ready(widget) and len(calls) == 4, timeout=TIMEOUT)
+    assert calls == [False] * 4  # a new map for the click (the views' map is not the plain one), in the worker
+    widget.map_views_check.setChecked(False)
+    assert widget.config.map_zoom_views == ()
     widget.map_check.setChecked(False)
     assert not widget.config.clicks_from_map
     qtbot.waitUntil(lambda: _preview_ready(widget), timeout=TIMEOUT)
-    assert calls == [False, False, False]  # no map without clicks from the map
+    assert calls == [False] * 4  # no map without clicks from the map

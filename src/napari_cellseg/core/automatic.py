@@ -255,11 +255,7 @@ class DistanceConfig(_Config):
         pp.check_thresholds(self.peak, self.fill)
         if self.scale != AUTO_SCALE:
             check_scale("scale", self.scale)
-        if not isinstance(self.zoom_views, (tuple, list)) or not all(
-                isinstance(z, (int, float)) and not isinstance(z, bool) and np.isfinite(z) and 0.5 <= z <= 2
-                for z in self.zoom_views):
-            raise ValueError(f"zoom_views must be zooms between 0.5 and 2 relative to the scale, e.g. (1.25,); "
-                             f"got {self.zoom_views!r}")
+        check_zoom_views("zoom_views", self.zoom_views)
         if not (np.isfinite(self.smooth) and 0 <= self.smooth <= 20):
             raise ValueError(f"smooth must be a sigma between 0 and 20 pixels, got {self.smooth}")
         _check_int("min_size", self.min_size, 0)
@@ -745,6 +741,16 @@ def check_scale(name: str, value) -> None:
     if not (isinstance(value, (int, float)) and not isinstance(value, bool)
             and np.isfinite(value) and MIN_SCALE <= value <= MAX_SCALE):
         raise ValueError(f"{name} must be a zoom between {MIN_SCALE:g} and {MAX_SCALE:g}, got {value!r}")
+
+
+def check_zoom_views(name: str, value) -> None:
+    """Raise a ValueError unless ``value`` is a tuple or list of relative zooms in [0.5, 2]
+    (``DistanceConfig.zoom_views``, ``AnnotationConfig.map_zoom_views``)."""
+    if not isinstance(value, (tuple, list)) or not all(
+            isinstance(z, (int, float)) and not isinstance(z, bool) and np.isfinite(z) and 0.5 <= z <= 2
+            for z in value):
+        raise ValueError(f"{name} must be zooms between 0.5 and 2 relative to the scale, e.g. (1.25,); "
+                         f"got {value!r}")
 
 
 def zoomed_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
