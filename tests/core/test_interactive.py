@@ -679,20 +679,26 @@ def test_a_click_becomes_the_grown_box_of_its_map_cell(map_model, image):
     assert other.box[0] < 200 < 240 < other.box[2] and len(calls) == 2
 
 
-def test_map_zoom_widens_the_click_window_and_reaches_the_map(map_model, image, monkeypatch):
-    """map_scale 0.5: the click's window covers twice the crop size (clipped to the plane), the distance map
-    is asked for that zoom, and the cell comes back in image pixels; maps of other zooms are not reused."""
+def _spy_map_configs(monkeypatch, setting: str) -> list:
+    """The ``setting`` of every distance configuration the (fake) map is asked for, in order."""
     from napari_cellseg.core import automatic as auto
 
-    model, calls = map_model
-    scales = []
+    seen = []
     fake = auto.predict_distance_map
 
     def spy(image_, model_, config=None, channel=None, image01=None):
-        scales.append(config.scale)
+        seen.append(getattr(config, setting))
         return fake(image_, model_, config, channel, image01)
 
     monkeypatch.setattr(auto, "predict_distance_map", spy)
+    return seen
+
+
+def test_map_zoom_widens_the_click_window_and_reaches_the_map(map_model, image, monkeypatch):
+    """map_scale 0.5: the click's window covers twice the crop size (clipped to the plane), the distance map
+    is asked for that zoom, and the cell comes back in image pixels; maps of other zooms are not reused."""
+    model, calls = map_model
+    scales = _spy_map_configs(monkeypatch, "scale")
     seg = InteractiveSegmenter(model, config=AnnotationConfig(map_scale=0.5))
     seg.set_image(image)
     (guided,) = seg.guide_clicks([ObjectPrompt(points=[[60, 75]])])
@@ -749,17 +755,8 @@ def test_map_zoom_auto_measures_the_cells_around_the_first_click_once_per_plane(
 def test_map_zoom_views_reach_the_click_maps_and_key_them(map_model, image, monkeypatch):
     """map_zoom_views: the click's map is asked with those zoom views (test-time augmentation), and cached apart
     from the plain map of the same window."""
-    from napari_cellseg.core import automatic as auto
-
     model, calls = map_model
-    views = []
-    fake = auto.predict_distance_map
-
-    def spy(image_, model_, config=None, channel=None, image01=None):
-        views.append(config.zoom_views)
-        return fake(image_, model_, config, channel, image01)
-
-    monkeypatch.setattr(auto, "predict_distance_map", spy)
+    views = _spy_map_configs(monkeypatch, "zoom_views")
     seg = InteractiveSegmenter(model, config=AnnotationConfig(map_scale=1.0, map_zoom_views=[1.25]))
     assert seg.config.map_zoom_views == (1.25,)
     seg.set_image(image)
