@@ -126,12 +126,17 @@ def tune_distance_defaults(adapter_path: Path) -> dict:
                                               f"{len(pairs) - len(TUNE_USIIGACI)} DSB training images")
     meta["metrics"]["tuning_ap50"] = round(scores[best], 4)
     meta["metrics"]["tuning_ap50_samcell_thresholds"] = round(scores[default], 4)
-    tmp = js.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(js)
+    _write_meta(js, meta)
     print(f"distance defaults {meta['thresholds']}: mean AP@0.5 {scores[best]:.3f} on training images "
           f"(SAMCell's 0.47 / 0.09 unsmoothed: {scores[default]:.3f})")
     return meta["thresholds"]
+
+
+def _write_meta(js: Path, meta: dict) -> None:
+    """Replace an adapter's JSON metadata through a temporary file (an interrupted write leaves the old one)."""
+    tmp = js.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(js)
 
 
 def record_cell_sizes(adapter_path: Path) -> dict:
@@ -142,9 +147,7 @@ def record_cell_sizes(adapter_path: Path) -> dict:
     js = adapter_path.with_suffix(".json")
     meta = json.loads(js.read_text())
     meta["cell_diameters"] = table
-    tmp = js.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(js)
+    _write_meta(js, meta)
     print("training cell diameters (p10 / median / p90 px): " + "; ".join(
         f"{k} {v['p10']:g} / {v['median']:g} / {v['p90']:g} ({v['cells']} cells)" for k, v in table.items()))
     return table
