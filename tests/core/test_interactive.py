@@ -252,6 +252,21 @@ def test_zoom_masks_land_at_full_image_coordinates(tiny_vit, image):
         assert obj.mask.shape == (r1 - r0, c1 - c0) and obj.mask[0].any() and obj.mask[:, 0].any()
 
 
+def test_auto_zoom_covers_planes_barely_larger_than_a_small_input(tiny_vit):
+    """A small-input model zooms on planes below 1.5 x its input too (a 256 px image for LiteMedSAM); a model
+    whose smallest window is its input embeds such a plane whole."""
+    plane = np.random.default_rng(3).random((90, 80)).astype(np.float32)  # 90 px < 1.5 * 64 px input
+    seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(invert=False))
+    seg.set_image(plane)
+    assert seg.min_window == 16 and seg.zoom_active()
+    obj = seg.segment(ObjectPrompt(box=(10, 12, 18, 20)))
+    assert obj.window.shape[0] < 80 and obj.window.contains((10, 12, 18, 20))
+    native = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(invert=False, min_window=64))
+    native.set_image(plane)
+    assert not native.zoom_active()
+    assert native.segment(ObjectPrompt(box=(10, 12, 18, 20))).window == Window.whole(plane.shape)
+
+
 def test_zoom_off_uses_the_whole_plane(tiny_vit, image):
     seg = InteractiveSegmenter(tiny_vit, config=AnnotationConfig(zoom="off", invert=False))
     seg.set_image(image)

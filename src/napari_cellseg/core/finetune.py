@@ -1276,6 +1276,10 @@ def apply_adapter(sam, tensors: dict[str, torch.Tensor]) -> None:
         attach_distance_decoder(sam)
     if any(".full.distance_neck." in k for k in tensors):
         attach_distance_neck(sam)
+    if any(".full.box_decoder." in k for k in tensors):
+        from .box_head import attach_box_decoder
+
+        attach_box_decoder(sam)
     if channels is not None:
         existing = get_refiner(sam)
         if existing is not None and existing.channels != channels:
@@ -1484,6 +1488,13 @@ class Finetuner:
         self.base_model = base
         sam = copy.deepcopy(base.sam).to(device)
         sam.eval()
+        from .box_head import BOX_DECODER_ATTR, get_box_decoder
+
+        if cfg.recipe in PROMPT_RECIPES and get_box_decoder(sam) is not None:
+            # the prompts are trained through the mask decoder: boxes must go there too, so the base's box
+            # decoder (which would keep answering boxes untrained) is dropped from the model and its adapter
+            delattr(sam, BOX_DECODER_ATTR)
+            self.prev_tensors = {k: v for k, v in self.prev_tensors.items() if ".full.box_decoder." not in k}
         for p in sam.parameters():
             p.requires_grad_(False)
         with torch.random.fork_rng(devices=[]):
@@ -2109,8 +2120,11 @@ class Finetuner:
         if output == "distance":
             inherited = prev.get("thresholds") if cfg.recipe not in DISTANCE_RECIPES else None
             meta["thresholds"] = dict(cfg.thresholds or inherited or DEFAULT_DISTANCE_THRESHOLDS)
-        if cfg.recipe not in PROMPT_RECIPES and prev.get("prompt_pathway"):
-            meta["prompt_pathway"] = prev["prompt_pathway"]  # this stage did not train the prompt pathway
+        if cfg.recipe not in PROMPT_RECIPES:  # this stage did not train the prompt pathway
+            # nor the base's box decoder, kept in its tensors
+            for key in ("prompt_pathway", "box_mask_threshold", "box_head"):
+                if prev.get(key) is not None:
+                    meta[key] = prev[key]
         return meta
 
     def _checkpoint_state(self, rng, epoch: int, elapsed_train: float, views_done: int) -> dict:
@@ -2428,7 +2442,8 @@ class Finetuner:
 
 #: adapter metadata copied onto the loaded model (``LoadedModel.meta``)
 _RUNTIME_META = ("base", "recipe", "output", "thresholds", "capabilities", "crop_size", "input_size", "metrics",
-                 "created", "stages", "data", "config", "prompt_pathway", "cell_diameters")
+                 "created", "stages", "data", "config", "prompt_pathway", "cell_diameters", "box_mask_threshold",
+                 "box_head")
 
 
 def _resample(arr: np.ndarray, size: int) -> np.ndarray:

@@ -212,6 +212,8 @@ class Predictor:
 
         Notes
         -----
+        Prompts with a box go to the model's box decoder where it has one
+        (:mod:`~napari_cellseg.core.box_head`), others to its mask decoder.
         Without ``mask_input``, prompts go through
         :class:`~napari_cellseg.core.fast_decoder.FastMaskDecoder` (the same
         answers as segment-anything's decoder up to float rounding, several
@@ -266,13 +268,19 @@ class Predictor:
             rows, cols = emb.image_shape
             return (np.zeros((0, 1, rows, cols), bool), np.zeros((0, 1), np.float32),
                     np.zeros((0, 1, 1, 1), np.float32))
-        fast = self.fast_decoder() if masks_in is None and emb.features.shape[0] == 1 else None
+        from .box_head import decoder_for
+
+        # box prompts go to the model's own box decoder where it has one (docs/model_card.md)
+        decoder = decoder_for(sam, boxes is not None)
+        fast = None
+        if masks_in is None and emb.features.shape[0] == 1:
+            fast = self.fast_decoder() if decoder is sam.mask_decoder else _fast_default_decoder(sam, decoder)
         with torch.inference_mode():
             sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=masks_in)
             if fast is not None:
                 low_res, iou = fast(emb.features, sparse, multimask=multimask, best=best)
             else:
-                low_res, iou = sam.mask_decoder(
+                low_res, iou = decoder(
                     image_embeddings=emb.features,
                     image_pe=sam.prompt_encoder.get_dense_pe(),
                     sparse_prompt_embeddings=sparse,
