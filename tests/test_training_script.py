@@ -86,3 +86,33 @@ def test_a_continued_stage_can_keep_the_selection_images_out(shared_data):
     # without the flag the selection images are training data, as in stages 1-2
     everything = train_default_model.build_training_data(dsb_limit=6)
     assert {f"usiigaci set{k}" for k in select_u} <= {p.name for p in everything.pairs}
+
+
+def test_box_head_package_adds_the_box_decoder_in_float16_and_a_new_checksum(tmp_path):
+    import numpy as np
+    import train_box_head
+
+    path = tmp_path / "cellseg.safetensors"
+    safetensors_torch.save_file({"s0.full.distance_decoder.x": torch.randn(4),
+                                 "s0.full.box_decoder.old": torch.randn(2)}, str(path))
+    path.with_suffix(".json").write_text(json.dumps({"name": "cellseg", "base": "litemedsam",
+                                                     "prompt_pathway": "base (the prompts answer as the base does)"}))
+    state = {"iou_token.weight": torch.randn(1, 8), "mask_tokens.weight": torch.randn(4, 8)}
+    sha = train_box_head.package(tmp_path, state, -1.0, {"windows": 10})
+    tensors = safetensors_torch.load_file(str(path))
+    assert set(tensors) == {"s0.full.distance_decoder.x", "s0.full.box_decoder.iou_token.weight",
+                            "s0.full.box_decoder.mask_tokens.weight"}  # an earlier box decoder is replaced
+    assert tensors["s0.full.box_decoder.mask_tokens.weight"].dtype == torch.float16
+    torch.testing.assert_close(tensors["s0.full.box_decoder.mask_tokens.weight"].float(),
+                               state["mask_tokens.weight"].half().float())
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["sha256"] == sha == file_hash(path) and meta["box_mask_threshold"] == -1.0
+    assert meta["box_head"] == {"windows": 10} and meta["prompt_pathway"].startswith("base for points")
+
+    rng = np.random.default_rng(0)
+    box = np.array([10.0, 20.0, 50.0, 60.0])  # x0, y0, x1, y1, 40 px a side
+    boxes = np.concatenate([train_box_head._jittered(box, 64, 64, 2, rng) for _ in range(200)])
+    assert (boxes[:, [0, 1]] >= 0).all() and (boxes[:, 2] <= 64).all() and (boxes[:, 3] <= 64).all()
+    assert (boxes[:, [0, 1]] >= box[[0, 1]] - 0.15 * 40 - 1e-9).all()  # grown by at most 15 % a side
+    assert (boxes[:, [0, 1]] <= box[[0, 1]] + 0.05 * 40 + 1e-9).all()  # shrunk by at most 5 % a side
+    assert (np.abs(boxes - box).sum(1) > 0).mean() > 0.5  # most copies are jittered

@@ -16,7 +16,7 @@ image). Then the mask threshold of boxes is chosen on the selection images (Usii
 DSB training image; never the validation split), and the decoder is added to the packaged model in ``--out``
 (float16, ``s0.full.box_decoder.*``), with ``meta["box_mask_threshold"]``.
 
-Usage (about 45 minutes on a 2-core CPU: 20 embedding 4,400 windows, 20 training, 5 choosing the threshold)::
+Usage (about 38 minutes on a 2-core CPU: 13 embedding 3,200 windows, 20 training, 4 choosing the threshold)::
 
     python training/train_box_head.py --work /tmp/box-train --minutes 20 --out src/napari_cellseg/models
 
@@ -304,7 +304,7 @@ def package(out: Path, state: dict, threshold: float, record: dict, name: str = 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="box-train", help="folder for the cached windows and the checkpoint")
-    p.add_argument("--windows", type=int, default=4400, help="windows (cells x contrasts) to embed")
+    p.add_argument("--windows", type=int, default=3200, help="windows (cells x contrasts) to embed")
     p.add_argument("--minutes", type=float, default=20.0, help="training time (embedding not included)")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=0)

@@ -19,13 +19,15 @@ REPO = Path(__file__).resolve().parents[2]
 CARD = REPO / "docs" / "model_card.md"
 CROP = (slice(0, 512), slice(0, 512))
 TOLERANCE = 0.05
+BOX_GAIN = 0.02
 
 
 def regression_figures(data_root: Path, model, clicks_from_map: bool = True, automatic: bool = True) -> dict:
-    """Distance-mode AP@0.5 and mean click IoU of ``model`` on the top-left 512 px of Usiigaci set 36.
+    """Distance-mode AP@0.5, mean click IoU and mean box IoU of ``model`` on the top-left 512 px of Usiigaci set 36.
 
-    Clicks go through the annotation mode's segmenter (``clicks_from_map`` as
-    given). Also returns ``masks``: the click masks, to compare models.
+    Clicks and boxes (each cell's exact bounding box) go through the annotation
+    mode's segmenter (``clicks_from_map`` as given). Also returns ``masks``:
+    the click masks, to compare models.
     """
     import tifffile
 
@@ -42,7 +44,7 @@ def regression_figures(data_root: Path, model, clicks_from_map: bool = True, aut
         result = auto.segment(image, model, mode="distance")
         ap50 = float(average_precision(labels, result.labels, (0.5,))[0].ap)
     # one click per cell that does not touch the crop's border, at its innermost pixel
-    clicks, ids = [], []
+    clicks, boxes, ids = [], [], []
     for idx, sl in enumerate(ndi.find_objects(labels), start=1):
         if sl is None or sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == 512 or sl[1].stop == 512:
             continue
@@ -50,24 +52,30 @@ def regression_figures(data_root: Path, model, clicks_from_map: bool = True, aut
         dist = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
         r, c = np.unravel_index(np.argmax(dist), dist.shape)
         clicks.append((r + sl[0].start, c + sl[1].start))
+        boxes.append((sl[0].start, sl[1].start, sl[0].stop, sl[1].stop))
         ids.append(idx)
     seg = InteractiveSegmenter(model, config=AnnotationConfig(clicks_from_map=clicks_from_map))
     seg.set_image(image)
     objs = seg.segment_many([ObjectPrompt(points=[p]) for p in clicks])
-    ious = []
-    for idx, obj in zip(ids, objs):
-        ref = labels == idx
-        m = obj.to_full(labels.shape)
-        ious.append(np.logical_and(m, ref).sum() / np.logical_or(m, ref).sum())
-    return {"ap50": ap50, "click_iou": float(np.mean(ious)), "n_cells": len(ids),
+    box_objs = seg.segment_many([ObjectPrompt(box=b) for b in boxes])
+
+    def mean_iou(found) -> float:
+        ious = []
+        for idx, obj in zip(ids, found):
+            ref = labels == idx
+            m = obj.to_full(labels.shape)
+            ious.append(np.logical_and(m, ref).sum() / np.logical_or(m, ref).sum())
+        return float(np.mean(ious))
+
+    return {"ap50": ap50, "click_iou": mean_iou(objs), "box_iou": mean_iou(box_objs), "n_cells": len(ids),
             "masks": [obj.to_full(labels.shape) for obj in objs]}
 
 
 def card_figures() -> dict:
     text = CARD.read_text()
-    m = re.search(r"<!-- regression: ap50=([0-9.]+) click_iou=([0-9.]+) -->", text)
+    m = re.search(r"<!-- regression: ap50=([0-9.]+) click_iou=([0-9.]+) box_iou=([0-9.]+) -->", text)
     assert m, f"{CARD} lacks the regression figures line"
-    return {"ap50": float(m.group(1)), "click_iou": float(m.group(2))}
+    return {"ap50": float(m.group(1)), "click_iou": float(m.group(2)), "box_iou": float(m.group(3))}
 
 
 def test_packaged_model_is_an_adapter_with_a_verified_checksum():
@@ -99,8 +107,8 @@ def test_default_model_loads_strictly_and_answers_every_mode():
     assert {k.split(".", 1)[0] for k in tensors} == {"s0"}
     lora = [k for k in tensors if ".qkv." in k]
     assert lora and all(k.startswith("s0.qkv.distance_encoder.") for k in lora)
-    # the adapter adds the distance head (its own encoder, neck, decoder and refiner) and changes nothing of
-    # the base network: prompts answer exactly as LiteMedSAM's
+    # the adapter adds the distance head (its own encoder, neck, decoder and refiner) and the box decoder, and
+    # changes nothing of the base network: points and the grid answer exactly as LiteMedSAM's
     base = load_model("litemedsam", device="cpu")
     import copy
 
@@ -113,7 +121,8 @@ def test_default_model_loads_strictly_and_answers_every_mode():
     assert all(torch.equal(after[k], v) for k, v in before.items())
     added = set(after) - set(before)
     assert {k.split(".")[0] for k in added} == {"distance_encoder", "distance_neck", "distance_decoder",
-                                                 "distance_refiner"}
+                                                 "distance_refiner", "box_decoder"}
+    assert meta["box_mask_threshold"] == -1.0 and meta["box_head"]["windows"] > 1000
     # every stored full tensor lands on a parameter; the distance encoder is LiteMedSAM's with the LoRA merged in
     encoder = {k for k in added if k.startswith("distance_encoder.")}
     assert len(added - encoder) == len(tensors) - len(lora)
@@ -153,12 +162,16 @@ def test_default_model_regression_on_held_out_usiigaci(shared_data):
     assert got["ap50"] >= expected["ap50"] - TOLERANCE, (got["ap50"], expected)
     # clicks answered from the cell map (the annotation default for this model)
     assert got["click_iou"] >= expected["click_iou"] - TOLERANCE, (got["click_iou"], expected)
-    # given to SAM as points, clicks are LiteMedSAM's, mask for mask: the prompt pathway is the base's
+    # boxes answered by the model's own box decoder
+    assert got["box_iou"] >= expected["box_iou"] - TOLERANCE, (got["box_iou"], expected)
+    # given to SAM as points, clicks are LiteMedSAM's, mask for mask: points read the base's decoder
     points = regression_figures(shared_data, load_model("cellseg", device="cpu"), clicks_from_map=False,
                                 automatic=False)
     ref = regression_figures(shared_data, load_model("litemedsam", device="cpu"), automatic=False)
     assert all(np.array_equal(a, b) for a, b in zip(points["masks"], ref["masks"]))
     assert got["click_iou"] > points["click_iou"] + 0.05, (got["click_iou"], points["click_iou"])
+    # the box decoder draws these cells better than LiteMedSAM's decoder does
+    assert got["box_iou"] > ref["box_iou"] + BOX_GAIN, (got["box_iou"], ref["box_iou"])
 
 
 @pytest.mark.timeout(600)
@@ -176,6 +189,7 @@ def test_default_model_regression_in_the_default_precision(shared_data, monkeypa
     got = regression_figures(shared_data, model)
     assert got["ap50"] >= expected["ap50"] - TOLERANCE, (got["ap50"], expected)
     assert got["click_iou"] >= expected["click_iou"] - TOLERANCE, (got["click_iou"], expected)
+    assert got["box_iou"] >= expected["box_iou"] - TOLERANCE, (got["box_iou"], expected)
 
 
 if __name__ == "__main__":  # print the figures for docs/model_card.md

@@ -201,7 +201,7 @@ LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c302
 #: the default model's adapter (LiteMedSAM + what training changed, float16 safetensors + JSON
 #: metadata), made by ``training/train_default_model.py``; its sha256 is checked before loading
 CELLSEG_PATH = Path(__file__).resolve().parents[1] / "models" / "cellseg.safetensors"
-CELLSEG_SHA256 = "b5e963fcacbe1e47eae3e08073b36bb11ac22da4e4f8f184adfb65d4a2d033f1"
+CELLSEG_SHA256 = "e9f6b9ee10f0f149ce67e2a651b79682e8436ca623cc9177a6fee9d97ccf88d9"
 
 _BUILTIN: dict[str, ModelEntry] = {
     e.name: e
