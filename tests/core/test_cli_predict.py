@@ -130,6 +130,7 @@ def test_boxes_with_the_default_model_segment_the_cells(tmp_path, capsys):
     assert np.mean(ious) > 0.8
     out = capsys.readouterr().out
     assert models.DEFAULT_MODEL in out and "(default model)" in out
+    assert "mask threshold -2 (boxes -1)" in out  # the box head's own threshold
 
 
 def test_views_average_orientations_and_reject_other_counts(tmp_path, capsys):

@@ -167,8 +167,11 @@ def run(args: argparse.Namespace) -> int:
     if args.point:
         kinds.append(f"{len(args.point)} point{'s' if len(args.point) > 1 else ''}")
     extra = f", {len(neg)} negative point{'s' if len(neg) > 1 else ''} each" if len(neg) else ""
+    threshold = f"{segmenter.mask_threshold:g}"
+    if segmenter.box_mask_threshold != segmenter.mask_threshold:  # a model with its own box decoder
+        threshold += f" (boxes {segmenter.box_mask_threshold:g})"
     print(f"{model.describe()}{' (default model)' if args.model is None else ''}, mask threshold "
-          f"{segmenter.mask_threshold:g}{', zoom' if args.zoom else ''}: {len(prompts)} prompts "
+          f"{threshold}{', zoom' if args.zoom else ''}: {len(prompts)} prompts "
           f"({' + '.join(kinds)}{extra}) -> {int((areas > 0).sum())} objects, mean area {areas.mean():.0f} px, "
           f"mean predicted IoU {scores.mean():.2f}; wrote {out}")
     return 0
