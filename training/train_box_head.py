@@ -62,7 +62,11 @@ def embed_windows(work: Path, max_windows: int, seed: int = 1) -> int:
     from bench_default_model import sample_cells
     from skimage.transform import resize
 
-    from napari_cellseg.core.interactive import AnnotationConfig, InteractiveSegmenter, ObjectPrompt
+    from napari_cellseg.core.interactive import (
+        AnnotationConfig,
+        InteractiveSegmenter,
+        ObjectPrompt,
+    )
     from napari_cellseg.core.models import load_model
     from napari_cellseg.core.preprocess import view_image
 
@@ -245,7 +249,11 @@ def choose_threshold(state: dict, cells: int = 10) -> tuple[float, dict]:
     """Mean box IoU on the selection images at each of :data:`THRESHOLDS`; the best threshold."""
     from bench_default_model import load, sample_cells, selection_images
 
-    from napari_cellseg.core.interactive import AnnotationConfig, InteractiveSegmenter, ObjectPrompt
+    from napari_cellseg.core.interactive import (
+        AnnotationConfig,
+        InteractiveSegmenter,
+        ObjectPrompt,
+    )
     from napari_cellseg.core.models import load_model
 
     model = with_box_decoder(load_model("cellseg", device="cpu").with_precision(None), state)
@@ -274,10 +282,8 @@ def choose_threshold(state: dict, cells: int = 10) -> tuple[float, dict]:
 
 def package(out: Path, state: dict, threshold: float, record: dict, name: str = "cellseg") -> str:
     """Add the box decoder (float16) to the packaged adapter in ``out``; return its new sha256."""
-    from safetensors.torch import load_file, save_file
-
-    from napari_cellseg.core.finetune import ADAPTER_FORMAT
-    from napari_cellseg.core.models import file_hash
+    from safetensors.torch import load_file
+    from train_default_model import write_package
 
     path = out / f"{name}.safetensors"
     js = path.with_suffix(".json")
@@ -291,14 +297,7 @@ def package(out: Path, state: dict, threshold: float, record: dict, name: str = 
                               "trained by training/train_box_head.py)")
     meta["box_head"] = record
     meta.setdefault("metrics", {})["packaged_parameters"] = int(sum(v.numel() for v in tensors.values()))
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT, "name": name})
-    meta["sha256"] = file_hash(tmp)
-    tmp.replace(path)
-    tmp_js = js.with_suffix(".json.tmp")
-    tmp_js.write_text(json.dumps(meta, indent=1))
-    tmp_js.replace(js)
-    return meta["sha256"]
+    return write_package(path, tensors, meta, name)
 
 
 def main(argv=None) -> int:

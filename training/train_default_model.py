@@ -139,6 +139,21 @@ def _write_meta(js: Path, meta: dict) -> None:
     tmp.replace(js)
 
 
+def write_package(path: Path, tensors: dict, meta: dict, name: str) -> str:
+    """Write the packaged adapter's tensors (through a temporary file) and its JSON with their sha256; return it."""
+    from safetensors.torch import save_file
+
+    from napari_cellseg.core.finetune import ADAPTER_FORMAT
+    from napari_cellseg.core.models import file_hash
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT, "name": name})
+    meta["sha256"] = file_hash(tmp)
+    tmp.replace(path)
+    _write_meta(path.with_suffix(".json"), meta)
+    return meta["sha256"]
+
+
 def record_cell_sizes(adapter_path: Path) -> dict:
     """Write the training split's cell diameters per image kind into the adapter's JSON
     (``meta["cell_diameters"]``, :func:`datasets.training_size_table`): the sizes the automatic zoom
@@ -161,22 +176,15 @@ def package_adapter(path: Path, name: str) -> None:
     (docs/model_card.md); :func:`~napari_cellseg.core.distance_head.keep_base_prompt_path`
     keeps only the distance head (its neck, decoder and refiner).
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from napari_cellseg.core.distance_head import keep_base_prompt_path
-    from napari_cellseg.core.finetune import ADAPTER_FORMAT
-    from napari_cellseg.core.models import file_hash
 
-    js = path.with_suffix(".json")
-    meta = json.loads(js.read_text())
+    meta = json.loads(path.with_suffix(".json").read_text())
     tensors = keep_base_prompt_path(load_file(str(path)))
     meta.update(name=name, file=path.name, prompt_pathway="base (the prompts answer as the base model does)")
     meta["metrics"]["packaged_parameters"] = int(sum(v.numel() for v in tensors.values()))
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT, "name": name})
-    meta["sha256"] = file_hash(tmp)
-    tmp.replace(path)
-    js.write_text(json.dumps(meta, indent=1))
+    write_package(path, tensors, meta, name)
 
 
 CONTINUE_DSB = 60
@@ -194,10 +202,7 @@ def merge_full_stages(path: Path, name: str) -> None:
     whose stages are joined into one LoRA of their summed rank (the same
     update); the JSON keeps the stage history.
     """
-    from safetensors.torch import load_file, save_file
-
-    from napari_cellseg.core.finetune import ADAPTER_FORMAT
-    from napari_cellseg.core.models import file_hash
+    from safetensors.torch import load_file
 
     import torch
 
@@ -219,14 +224,9 @@ def merge_full_stages(path: Path, name: str) -> None:
                 # of the summed rank (the distance encoder has no full tensors, so the order does not matter)
                 value = torch.cat([old, value], dim=0 if rest.endswith("A") else 1)
             merged[f"s0.{rest}"] = value
-    js = path.with_suffix(".json")
-    meta = json.loads(js.read_text())
+    meta = json.loads(path.with_suffix(".json").read_text())
     meta.update(name=name, file=path.name, dtype="float16", merged_stages=len(meta.get("stages", [])))
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(merged, str(tmp), metadata={"format": ADAPTER_FORMAT, "name": name})
-    meta["sha256"] = file_hash(tmp)
-    tmp.replace(path)
-    js.write_text(json.dumps(meta, indent=1))
+    write_package(path, merged, meta, name)
 
 
 def train_and_stage(base, data, cfg, args, label: str, trainer=None) -> Path:

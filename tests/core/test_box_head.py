@@ -10,9 +10,18 @@ import torch
 
 from napari_cellseg.core import finetune as ft
 from napari_cellseg.core import models
-from napari_cellseg.core.box_head import BOX_DECODER_ATTR, attach_box_decoder, decoder_for, get_box_decoder
-from napari_cellseg.core.interactive import (AnnotationConfig, InteractiveSegmenter, ObjectPrompt,
-                                             resolve_mask_threshold)
+from napari_cellseg.core.box_head import (
+    BOX_DECODER_ATTR,
+    attach_box_decoder,
+    decoder_for,
+    get_box_decoder,
+)
+from napari_cellseg.core.interactive import (
+    AnnotationConfig,
+    InteractiveSegmenter,
+    ObjectPrompt,
+    resolve_mask_threshold,
+)
 from napari_cellseg.core.predictor import Predictor
 from napari_cellseg.core.progress import run_to_completion
 
@@ -116,7 +125,9 @@ def _adapter_with_box_decoder(tmp_path):
     path = tmp_path / "base.pth"
     torch.save(models.random_model("vit_test", seed=0).sam.state_dict(), path)
     base = models.load_model(str(path), device="cpu")
-    data = ft.make_training_data(*_cells())
+    from conftest import make_cells
+
+    data = ft.make_training_data(*make_cells((96, 96), n=6))
     stage = run_to_completion(ft.finetune(base, data, ft.FinetuneConfig(recipe="distance", epochs=1, minutes=None,
                                                                         views=1)))
     st = ft.save_adapter(stage, "withbox")
@@ -129,15 +140,6 @@ def _adapter_with_box_decoder(tmp_path):
     meta.update(sha256=models.file_hash(st), box_mask_threshold=1.0)
     js.write_text(json.dumps(meta))
     return models.load_model("withbox", device="cpu", use_cache=False), data
-
-
-def _cells():
-    image = np.zeros((96, 96), np.float32)
-    labels = np.zeros((96, 96), np.int32)
-    for k, (r, c) in enumerate([(25, 25), (30, 65), (65, 30), (70, 70)], start=1):
-        labels[r - 10:r + 10, c - 10:c + 10] = k
-        image[r - 10:r + 10, c - 10:c + 10] = 1.0
-    return image, labels
 
 
 def test_a_box_decoder_survives_continued_distance_training_and_the_prompt_recipe_drops_it(tmp_path):
