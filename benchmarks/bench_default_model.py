@@ -104,11 +104,14 @@ def sample_cells(labels: np.ndarray, n: int, rng) -> list[tuple[int, tuple[int, 
 
 
 def prompt_ious(model, image, labels, cells, views: int = 1, invert: bool | None = None,
-                click_answer: str = "sam", map_scale: float = 1.0, map_zoom_views: tuple = ()) -> dict:
+                click_answer: str = "sam", map_scale: float = 1.0, map_zoom_views: tuple = (),
+                **config) -> dict:
+    """Mean IoU of one click and one box per cell; ``config``: further :class:`AnnotationConfig` fields."""
     from napari_cellseg.core.interactive import AnnotationConfig, InteractiveSegmenter, ObjectPrompt
 
     seg = InteractiveSegmenter(model, config=AnnotationConfig(views=views, invert=invert, click_answer=click_answer,
-                                                              map_scale=map_scale, map_zoom_views=map_zoom_views))
+                                                              map_scale=map_scale, map_zoom_views=map_zoom_views,
+                                                              **config))
     seg.set_image(image)
     out = {}
     for kind in ("clicks", "boxes"):
@@ -222,6 +225,11 @@ def main(argv=None) -> int:
                         "(DistanceConfig.zoom_views, test-time augmentation)")
     p.add_argument("--map-zoom-views", type=float, nargs="*", default=[],
                    help="clicks: extra zooms whose click maps are averaged in (AnnotationConfig.map_zoom_views)")
+    p.add_argument("--merged-ratio", default=None,
+                   help="clicks: AnnotationConfig.merged_ratio (a number, or 'none'; default: the config's)")
+    p.add_argument("--click-point", choices=["auto", "yes", "no"], default="auto",
+                   help="clicks: send the click's point with its box (AnnotationConfig.click_point; auto: when "
+                        "the box head was trained with clicks)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -236,6 +244,9 @@ def main(argv=None) -> int:
     auto.PROMPTS_FOLLOW_PRECISION = args.prompt_decoder == "auto"
     items = (selection_images() if args.selection
              else validation_images([int(x) for x in args.usiigaci.split(",") if x], args.dsb_per_kind))
+    extra = {"click_point": {"auto": None, "yes": True, "no": False}[args.click_point]}
+    if args.merged_ratio is not None:
+        extra["merged_ratio"] = None if args.merged_ratio.lower() == "none" else float(args.merged_ratio)
     rows = []
     for name in args.models:
         model = load_model(name, device="cpu")
@@ -261,7 +272,7 @@ def main(argv=None) -> int:
             if not args.no_prompts:
                 cells = sample_cells(labels, args.cells_per_image, rng)
                 ious = prompt_ious(model, image, labels, cells, args.views, INVERT[args.invert], args.click_answer,
-                                   zoom, tuple(args.map_zoom_views))
+                                   zoom, tuple(args.map_zoom_views), **extra)
                 row["click_iou"], row["box_iou"] = ious["clicks"], ious["boxes"]
                 if "map_zoom" in ious:
                     row["click_map_zoom"] = ious["map_zoom"]

@@ -116,3 +116,43 @@ def test_box_head_package_adds_the_box_decoder_in_float16_and_a_new_checksum(tmp
     assert (boxes[:, [0, 1]] >= box[[0, 1]] - 0.15 * 40 - 1e-9).all()  # grown by at most 15 % a side
     assert (boxes[:, [0, 1]] <= box[[0, 1]] + 0.05 * 40 + 1e-9).all()  # shrunk by at most 5 % a side
     assert (np.abs(boxes - box).sum(1) > 0).mean() > 0.5  # most copies are jittered
+
+
+def test_box_head_click_prompts_put_the_point_in_the_cells_core_and_grow_some_boxes():
+    """train_box_head --clicks: a click's prompt is a positive point among the top 20 % of the cell's distance
+    transform (CellSeg1's rule) with a jittered or grown box; box_head_state reads a packaged head back."""
+    import numpy as np
+    import train_box_head
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(0)
+    target = np.zeros((64, 64), bool)
+    target[10:50, 20:40] = True  # rows 10-49, cols 20-39
+    dist = ndi.distance_transform_edt(np.pad(target, 1))[1:-1, 1:-1]
+    cut = np.quantile(dist[target], 0.8)
+    for _ in range(50):
+        x, y = train_box_head.click_point(target, rng)
+        assert dist[int(y), int(x)] >= cut and x % 1 == 0.5
+    assert train_box_head.click_point(np.zeros((8, 8), bool), rng) is None
+    box = np.array([20.0, 10.0, 40.0, 50.0])  # its xyxy
+    boxes, points, labels = train_box_head.prompt_batch(box, target, 64, 64, 400, 0.5, rng)
+    clicked = labels[:, 0] > 0
+    assert 0.4 < clicked.mean() < 0.6 and (labels[~clicked] == -1).all()
+    grown = clicked & ((boxes[:, 0] < box[0] - 0.15 * 20) | (boxes[:, 2] > box[2] + 0.15 * 20))
+    assert grown[clicked].mean() > 0.2 and not grown[~clicked].any()  # only clicks' boxes grow beyond the jitter
+    assert (boxes[:, [0, 1]] >= 0).all() and (boxes[:, [2, 3]] <= 64).all()
+    assert (boxes[:, 2] - boxes[:, 0] <= 20 * (1 + 2 * train_box_head.GROWN_MAX) + 1e-9).all()
+    assert target[points[clicked, 0, 1].astype(int), points[clicked, 0, 0].astype(int)].all()
+
+
+def test_box_head_state_reads_a_packaged_head_and_refuses_a_model_without_one(tmp_path):
+    import train_box_head
+
+    path = tmp_path / "m.safetensors"
+    safetensors_torch.save_file({"s1.full.box_decoder.a.weight": torch.ones(2, dtype=torch.float16),
+                                 "s1.full.distance_decoder.b": torch.ones(1)}, str(path))
+    state = train_box_head.box_head_state(path)
+    assert list(state) == ["a.weight"] and state["a.weight"].dtype == torch.float32
+    safetensors_torch.save_file({"s1.full.distance_decoder.b": torch.ones(1)}, str(path))
+    with pytest.raises(SystemExit, match="holds no box head"):
+        train_box_head.box_head_state(path)

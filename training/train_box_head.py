@@ -43,6 +43,7 @@ CELLS_PER_IMAGE = {"phase": 30, "fluorescence": 3, "brightfield": 12, "colour": 
 SIDE = 256  # LiteMedSAM's input
 GRID = 64  # its embedding grid
 JITTER = (-0.05, 0.15)
+GROWN_MAX = 0.6  # a click's grown box: each side pushed out by up to this fraction of the box size
 THRESHOLDS = (-2.0, -1.0, 0.0)
 
 
@@ -155,9 +156,51 @@ def _jittered(box: np.ndarray, rows: int, cols: int, copies: int, rng) -> np.nda
     return np.stack(out)
 
 
+def click_point(target: np.ndarray, rng, top: float = 0.2) -> tuple[float, float] | None:
+    """A click on the cell ``target`` (bool, model pixels): a random pixel among the ``top`` fraction of its
+    distance transform (CellSeg1's rule), as model (x, y) at the pixel centre; None for an empty target."""
+    from scipy import ndimage as ndi
+
+    dist = ndi.distance_transform_edt(np.pad(target, 1))[1:-1, 1:-1]
+    inside = dist[dist > 0]
+    if not inside.size:
+        return None
+    rr, cc = np.nonzero(dist >= np.quantile(inside, 1.0 - top))
+    k = int(rng.integers(len(rr)))
+    return float(cc[k]) + 0.5, float(rr[k]) + 0.5
+
+
+def _grown_box(box: np.ndarray, rows: int, cols: int, rng) -> np.ndarray:
+    """``box`` (model xyxy) with each side pushed out by 0-60 % of the box size, clipped to the window: the
+    oversized box a cell map that merged the cell with its neighbours gives a click."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    j = box + rng.uniform(0.0, GROWN_MAX, 4) * np.array([w, h, w, h]) * np.array([-1, -1, 1, 1])
+    j[[0, 2]] = j[[0, 2]].clip(0, cols)
+    j[[1, 3]] = j[[1, 3]].clip(0, rows)
+    return j
+
+
+def prompt_batch(box: np.ndarray, target: np.ndarray, rows: int, cols: int, copies: int, clicks: float, rng):
+    """``copies`` prompts of one cached window: boxes (jittered) and, a ``clicks`` fraction of them, a click's
+    prompt (a jittered or grown box with a positive point from :func:`click_point`). Returns boxes (copies, 4)
+    and points (copies, 1, 2) with labels (copies, 1) (-1: no point, ignored by SAM), all model coordinates."""
+    boxes = _jittered(box, rows, cols, copies, rng)
+    points = np.zeros((copies, 1, 2))
+    labels = -np.ones((copies, 1))
+    for k in range(copies):
+        if rng.random() < clicks and (pt := click_point(target, rng)) is not None:
+            points[k, 0], labels[k, 0] = pt, 1
+            if rng.random() < 0.5:
+                boxes[k] = _grown_box(box, rows, cols, rng)
+    return boxes, points, labels
+
+
 def train_decoder(work: Path, minutes: float, lr: float, seed: int = 0, batch: int = 8, copies: int = 2,
-                  checkpoint_minutes: float = 2.0) -> dict:
-    """Train a copy of LiteMedSAM's mask decoder on the cached windows; resumable from ``work/train.pt``."""
+                  checkpoint_minutes: float = 2.0, clicks: float = 0.0, init: dict | None = None) -> dict:
+    """Train a copy of LiteMedSAM's mask decoder on the cached windows; resumable from ``work/train.pt``.
+
+    ``clicks``: the fraction of prompts that are a click's (box and point, :func:`prompt_batch`); ``init``: a
+    decoder state to start from (a packaged box head) instead of LiteMedSAM's decoder."""
     import copy
 
     import torch
@@ -172,6 +215,8 @@ def train_decoder(work: Path, minutes: float, lr: float, seed: int = 0, batch: i
     boxes, valid, targets = meta["boxes"], meta["valid"], meta["targets"]
     sam = load_model("litemedsam", device="cpu").sam
     decoder = copy.deepcopy(sam.mask_decoder).float().train()
+    if init is not None:
+        decoder.load_state_dict({k: v.float() for k, v in init.items()})
     for p in decoder.parameters():
         p.requires_grad_(True)
     pe = sam.prompt_encoder.get_dense_pe().detach()
@@ -203,9 +248,14 @@ def train_decoder(work: Path, minutes: float, lr: float, seed: int = 0, batch: i
         total = 0.0
         for i in rng.choice(n, batch, replace=False):
             rows, cols = int(valid[i, 0]), int(valid[i, 1])
-            bx = torch.as_tensor(_jittered(boxes[i].astype(np.float64), rows, cols, copies, rng), dtype=torch.float32)
+            target = targets[i][:rows, :cols] > 0
+            bx, pts, lab = prompt_batch(boxes[i].astype(np.float64), target, rows, cols, copies, clicks, rng)
+            bx = torch.as_tensor(bx, dtype=torch.float32)
+            points = None
+            if (lab > 0).any():
+                points = (torch.as_tensor(pts, dtype=torch.float32), torch.as_tensor(lab, dtype=torch.int64))
             with torch.no_grad():
-                sparse, dense = sam.prompt_encoder(points=None, boxes=bx, masks=None)
+                sparse, dense = sam.prompt_encoder(points=points, boxes=bx, masks=None)
             feat = torch.from_numpy(np.asarray(feats[i], np.float32))[None]
             low, iou = decoder(image_embeddings=feat, image_pe=pe, sparse_prompt_embeddings=sparse,
                                dense_prompt_embeddings=dense, multimask_output=False)
@@ -233,6 +283,17 @@ def train_decoder(work: Path, minutes: float, lr: float, seed: int = 0, batch: i
     return {"decoder": {k: v.detach().clone() for k, v in decoder.state_dict().items()}, "steps": step,
             "windows": n, "seconds": round(time.time() - start, 1),
             "final_training_iou": round(float(np.mean(history[-400:])), 4) if history else None}
+
+
+def box_head_state(path: Path) -> dict:
+    """The box decoder's tensors (float32) in a packaged model's safetensors file."""
+    from safetensors.torch import load_file
+
+    tag = ".full.box_decoder."
+    state = {k.split(tag, 1)[1]: v.float() for k, v in load_file(str(path)).items() if tag in k}
+    if not state:
+        raise SystemExit(f"{path} holds no box head (no '*{tag}*' tensors)")
+    return state
 
 
 def with_box_decoder(model, state: dict):
@@ -309,6 +370,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(datasets.REPO / "src" / "napari_cellseg" / "models"),
                    help="folder of the packaged model the box decoder is added to")
+    p.add_argument("--clicks", type=float, default=0.0,
+                   help="fraction of prompts that are a click's: a box (jittered, or grown as a cell map that "
+                        "merged neighbours gives it) with a positive point from the cell's inner 20 %%")
+    p.add_argument("--init-from", default=None,
+                   help="a packaged model (.safetensors) whose box head training starts from (default: "
+                        "LiteMedSAM's decoder)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     datasets.require_data()
@@ -321,11 +388,14 @@ def main(argv=None) -> int:
     n = embed_windows(work, args.windows)
     embed_s = time.time() - t0
     print(f"{n} windows embedded ({embed_s / 60:.1f} minutes)", flush=True)
-    trained = train_decoder(work, args.minutes, args.lr, args.seed)
+    init = box_head_state(Path(args.init_from)) if args.init_from else None
+    trained = train_decoder(work, args.minutes, args.lr, args.seed, clicks=args.clicks, init=init)
     threshold, table = choose_threshold(trained["decoder"])
     record = {"windows": n, "steps": trained["steps"], "training_seconds": trained["seconds"], "lr": args.lr,
-              "jitter": list(JITTER), "cells_per_image": CELLS_PER_IMAGE, "final_training_iou":
-              trained["final_training_iou"], "selection_box_iou": table,
+              "jitter": list(JITTER), "clicks": args.clicks, "grown_max": GROWN_MAX if args.clicks else None,
+              "init_from": Path(args.init_from).name if args.init_from else "litemedsam",
+              "cells_per_image": CELLS_PER_IMAGE, "final_training_iou": trained["final_training_iou"],
+              "selection_box_iou": table,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     sha = package(Path(args.out), trained["decoder"], threshold, record)
     print(f"box mask threshold {threshold:+.0f}; packaged in {args.out}; sha256 {sha}", flush=True)

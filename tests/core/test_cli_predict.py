@@ -179,15 +179,15 @@ def test_clicks_with_the_default_model_are_answered_from_its_cell_map(tmp_path, 
 
 
 def test_missed_click_and_click_answer_options_reach_the_annotation_config(tmp_path, monkeypatch, capsys):
-    """--missed-click box|point and --click-answer sam|map set AnnotationConfig (box and sam by default); other
-    values are refused."""
+    """--missed-click box|point, --click-answer sam|map and --merged-ratio R|none set AnnotationConfig (box, sam
+    and 1.5 by default); other values are refused."""
     from napari_cellseg.core import interactive
 
-    seen, views = [], []
+    seen = []
 
     class Capture(interactive.InteractiveSegmenter):
         def __init__(self, model, config=None):
-            seen.append((config.missed_click, config.click_answer))
+            seen.append((config.missed_click, config.click_answer, config.merged_ratio))
             raise KeyboardInterrupt  # stop before any network work
 
     monkeypatch.setattr(interactive, "InteractiveSegmenter", Capture)  # the command imports it when it runs
@@ -195,8 +195,10 @@ def test_missed_click_and_click_answer_options_reach_the_annotation_config(tmp_p
     tifffile.imwrite(tmp_path / "c.tif", (image * 1000).astype(np.uint16))
     base = ["predict", str(tmp_path / "c.tif"), "--model", "litemedsam", "--device", "cpu", "--point", "20", "20",
             "--out", str(tmp_path / "o.tif")]
-    for extra, want in (([], ("box", "sam")), (["--missed-click", "point"], ("point", "sam")),
-                        (["--click-answer", "map"], ("box", "map"))):
+    for extra, want in (([], ("box", "sam", 1.5)), (["--missed-click", "point"], ("point", "sam", 1.5)),
+                        (["--click-answer", "map"], ("box", "map", 1.5)),
+                        (["--merged-ratio", "2.5"], ("box", "sam", 2.5)),
+                        (["--merged-ratio", "None"], ("box", "sam", None))):
         try:
             main(base + extra)
         except (KeyboardInterrupt, SystemExit):
@@ -206,6 +208,10 @@ def test_missed_click_and_click_answer_options_reach_the_annotation_config(tmp_p
         with pytest.raises(SystemExit) as err:
             main(base + bad)
         assert err.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    for bad in ("1", "0.5", "big"):
+        with pytest.raises(SystemExit) as err:
+            main(base + ["--merged-ratio", bad])
+        assert err.value.code == 2 and "expected a number above 1 or 'none'" in capsys.readouterr().err
 
 
 def test_map_scale_reaches_the_annotation_config_and_bad_zooms_are_user_errors(tmp_path, monkeypatch, capsys):

@@ -656,9 +656,10 @@ def map_model(tiny_tinyvit, monkeypatch):
 
     Returns the model and the list of windows (crop shapes) the map was computed for.
     """
+    from scipy import ndimage as ndi
+
     from napari_cellseg.core import automatic as auto
     from napari_cellseg.core import postprocess as pp
-    from scipy import ndimage as ndi
 
     calls = []
 
@@ -858,6 +859,51 @@ def test_a_click_the_map_misses_gets_a_box_of_the_typical_cell_size(map_model, i
     assert seg.guide_clicks([click])[0] is click
     with pytest.raises(ValueError, match="missed_click"):
         AnnotationConfig(missed_click="nearest")
+
+
+def test_a_click_on_a_map_cell_merged_with_its_neighbours_gets_a_box_of_the_typical_cell_size(map_model):
+    """merged_ratio (1.5 by default): a map cell over 1.5 times the window's median map cell is taken for several
+    cells the map merged; the click gets the typical box centred on it instead of the merged cell's box."""
+    model, _ = map_model
+    rng = np.random.default_rng(1)
+    img = rng.normal(0.1, 0.02, (240, 240)).astype(np.float32)
+    for r, c in [(20, 20), (20, 200), (200, 20), (200, 200)]:
+        img[r : r + 16, c : c + 16] += 0.6  # four single cells
+    img[80:160, 80:160] += 0.6  # one 'merged' clump, 25 times their area
+    seg = InteractiveSegmenter(model)
+    assert seg.config.merged_ratio == 1.5
+    seg.set_image(img)
+    click = ObjectPrompt(points=[[100, 110]])
+    (out,) = seg.guide_clicks([click])
+    _, regions = seg.cell_map(seg.map_window(np.array([100.0, 110.0])))
+    areas = np.bincount(regions.ravel())[1:]
+    side = 1.2 * np.sqrt(4 * np.median(areas[areas > 0]) / np.pi)
+    np.testing.assert_allclose(out.box[2:] - out.box[:2], side + 1, atol=1e-6)
+    np.testing.assert_allclose((out.box[:2] + out.box[2:] - 1) / 2, [100, 110], atol=1e-6)
+    # a single cell keeps its own box; without the rule the clump keeps its box
+    (single,) = seg.guide_clicks([ObjectPrompt(points=[[28, 28]])])
+    assert single.box[0] < 21 and single.box[2] > 35
+    seg.config = AnnotationConfig(merged_ratio=None)
+    (whole,) = seg.guide_clicks([click])
+    assert whole.box[0] < 82 and whole.box[2] > 158
+    with pytest.raises(ValueError, match="merged_ratio must be above 1"):
+        AnnotationConfig(merged_ratio=0.5)
+
+
+def test_a_click_goes_with_its_box_when_the_box_head_was_trained_with_clicks(map_model, image):
+    """click_point None (the default): the click's positive point goes to SAM with its box only when the
+    model's box head was trained with clicks (meta["box_head"]["clicks"] > 0); True/False force it."""
+    model, _ = map_model
+    seg = InteractiveSegmenter(model)
+    seg.set_image(image)
+    assert seg.guide_clicks([ObjectPrompt(points=[[60, 75]])])[0].points.shape == (0, 2)
+    model.meta["box_head"] = {"clicks": 0.5}
+    (guided,) = seg.guide_clicks([ObjectPrompt(points=[[60, 75], [150, 20]], labels=[1, 0])])
+    assert guided.box is not None
+    assert guided.points.tolist() == [[60.0, 75.0], [150.0, 20.0]] and guided.labels.tolist() == [1.0, 0.0]
+    assert seg.segment(ObjectPrompt(points=[[60, 75]])).to_full(image.shape).any()
+    seg.config = AnnotationConfig(click_point=False)
+    assert seg.guide_clicks([ObjectPrompt(points=[[60, 75]])])[0].points.shape == (0, 2)
 
 
 def test_map_clicks_segment_and_run_reports_the_map(map_model, image):

@@ -76,11 +76,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--missed-click", choices=["box", "point"], default="box",
                         help="a click on which the cell map sees no cell: a box of the typical cell size centred on "
                              "it (default, as in the widget) or the click as a point")
+    parser.add_argument("--merged-ratio", type=merged_ratio_argument, default=1.5, metavar="R",
+                        help="a click on a map cell more than R times the area of the window's median map cell "
+                             "(the map merged it with its neighbours) gets a box of the typical cell size centred "
+                             "on it instead of the merged cell's box (default 1.5, as in the widget; 'none': "
+                             "always the map cell's box)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     add_precision_argument(parser)
     parser.add_argument("--channel", type=int, default=None, help="channel of a multichannel image")
     parser.add_argument("--plane", type=int, default=None, help="plane of a 3D or time stack (first axis)")
     parser.add_argument("--out", required=True, help="output label image (TIFF)")
+
+
+def merged_ratio_argument(text: str):
+    """``--merged-ratio``: a number above 1, or 'none'."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number above 1 or 'none', got {text!r}")
+    return value
 
 
 def _check_inside(name: str, coords, shape) -> None:
@@ -150,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
     model = models.load_model(name, device=args.device, precision=args.precision)
     config = AnnotationConfig(zoom="auto" if args.zoom else "off", mask_threshold=args.mask_threshold,
                               clicks_from_map=not args.no_map_clicks, missed_click=args.missed_click,
+                              merged_ratio=args.merged_ratio,
                               click_answer=args.click_answer, map_scale=args.map_scale,
                               map_zoom_views=tuple(args.map_zoom_views),
                               views=args.views,
