@@ -156,3 +156,14 @@ def test_box_head_state_reads_a_packaged_head_and_refuses_a_model_without_one(tm
     safetensors_torch.save_file({"s1.full.distance_decoder.b": torch.ones(1)}, str(path))
     with pytest.raises(SystemExit, match="holds no box head"):
         train_box_head.box_head_state(path)
+
+
+def test_a_warm_started_box_head_keeps_the_record_of_the_head_it_started_from(tmp_path):
+    import train_box_head
+
+    path = tmp_path / "m.safetensors"
+    assert train_box_head.init_record(path) is None  # no metadata beside it
+    path.with_suffix(".json").write_text(json.dumps({"box_head": {"steps": 456, "clicks": 0.0}}))
+    assert train_box_head.init_record(path) == {"steps": 456, "clicks": 0.0}
+    path.with_suffix(".json").write_text(json.dumps({"name": "no head"}))
+    assert train_box_head.init_record(path) is None

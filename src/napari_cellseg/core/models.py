@@ -201,7 +201,7 @@ LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c302
 #: the default model's adapter (LiteMedSAM + what training changed, float16 safetensors + JSON
 #: metadata), made by ``training/train_default_model.py``; its sha256 is checked before loading
 CELLSEG_PATH = Path(__file__).resolve().parents[1] / "models" / "cellseg.safetensors"
-CELLSEG_SHA256 = "e9f6b9ee10f0f149ce67e2a651b79682e8436ca623cc9177a6fee9d97ccf88d9"
+CELLSEG_SHA256 = "024a6f224d9074fb9a630ddecba40da0c34acd472b12344f920eb9388166fcc1"
 
 _BUILTIN: dict[str, ModelEntry] = {
     e.name: e
