@@ -473,6 +473,11 @@ def test_a_click_is_answered_from_the_cell_map_of_a_distance_model(setup, qtbot,
     assert obj.window.contains(_bbox(labels, 3)) and calls == [False]  # the map was cached
     assert len(widget.cache) == 0  # no embedding: the answer is the map cell
     widget.map_cell_check.setChecked(False)
+    assert widget.merged_check.isChecked() and widget.config.merged_ratio == 1.5  # the core's default
+    widget.merged_check.setChecked(False)  # large cells among small ones: always the map cell's box
+    assert widget.config.merged_ratio is None
+    widget.merged_check.setChecked(True)
+    assert widget.config.merged_ratio == 1.5
     # map zoom "auto" is the default, but this model records no training cell sizes: its maps are at zoom 1
     assert widget.map_auto_check.isChecked() and widget.config.map_scale == "auto"
     widget.map_auto_check.setChecked(False)

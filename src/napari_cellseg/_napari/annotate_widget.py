@@ -107,6 +107,9 @@ class _Outcome:
     size_estimate: object = None  # a map zoom estimated by this request (map zoom "auto")
 
 
+#: AnnotationConfig.merged_ratio when "Clicks on merged map cells" is ticked (the config's default)
+MERGED_RATIO = AnnotationConfig().merged_ratio
+
 #: the click maps' zoom views (AnnotationConfig.map_zoom_views) when "Also map clicks at zoom x1.25" is ticked
 MAP_ZOOM_VIEWS = (1.25,)
 
@@ -246,6 +249,15 @@ class AnnotationWidget(QWidget):
             "cells (images like its training data, or after fine-tuning); SAM's drawing (off, the default) was "
             "better on nuclei the default model never saw (docs/annotation.md)."
         )
+        self.merged_check = QCheckBox("Clicks on merged map cells: a box of the typical cell size")
+        self.merged_check.setChecked(True)
+        self.merged_check.setToolTip(
+            f"On (the default): a click on a map cell over {MERGED_RATIO:g} times the area of the window's median "
+            "map cell is taken for a click on several cells the map merged, and SAM gets a box of the typical "
+            "cell size centred on the click instead of the merged cell's box (AnnotationConfig.merged_ratio). "
+            "Held-out phase-contrast cells: click IoU 0.46 -> 0.55. Off for images with large cells among small "
+            "ones, whose clicks it would draw too small (docs/annotation.md)."
+        )
         self.disk_check = QCheckBox("Keep embeddings on disk")
         self.disk_check.setToolTip(f"Cache embeddings in {default_disk_dir()} so they survive a restart")
         self.threshold_spin = QDoubleSpinBox()
@@ -300,7 +312,8 @@ class AnnotationWidget(QWidget):
             "+0.04 bright-field and +0.02 fluorescent nuclei, -0.01 stained colour tissue (docs/annotation.md)."
         )
         self.invert_combo.currentIndexChanged.connect(self._on_settings_changed)
-        for box in (self.per_point_check, self.zoom_check, self.map_check, self.map_cell_check, self.disk_check):
+        for box in (self.per_point_check, self.zoom_check, self.map_check, self.map_cell_check, self.merged_check,
+                    self.disk_check):
             box.toggled.connect(self._on_settings_changed)
         self.live_check.toggled.connect(self._on_settings_changed)
 
@@ -370,7 +383,7 @@ class AnnotationWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         for box in (self.live_check, self.per_point_check, self.overwrite_check, self.zoom_check,
-                    self.map_check, self.map_cell_check, self.disk_check):
+                    self.map_check, self.map_cell_check, self.merged_check, self.disk_check):
             layout.addWidget(box)
         layout.addLayout(prompts_row)
         layout.addLayout(grid)
@@ -737,6 +750,7 @@ class AnnotationWidget(QWidget):
                               disk_cache=self.disk_check.isChecked(),
                               clicks_from_map=self.map_check.isChecked(),
                               click_answer="map" if self.map_cell_check.isChecked() else "sam",
+                              merged_ratio=MERGED_RATIO if self.merged_check.isChecked() else None,
                               map_scale="auto" if self.map_auto_check.isChecked()
                               else float(self.map_scale_spin.value()),
                               map_zoom_views=MAP_ZOOM_VIEWS if self.map_views_check.isChecked() else (),
