@@ -1559,14 +1559,18 @@ class InteractiveSegmenter:
             return bool(self.config.click_point)
         return float((self.model.meta.get("box_head") or {}).get("clicks") or 0.0) > 0.0
 
+    def _map_cell_areas(self, window: Window) -> np.ndarray:
+        """Areas (px) of the cells of ``window``'s cell map."""
+        _, regions = self.cell_map(window)
+        areas = np.bincount(regions.ravel())[1:]
+        return areas[areas > 0]
+
     def _merged_box(self, cell: np.ndarray, centre: np.ndarray, window: Window) -> np.ndarray | None:
         """The typical box around ``centre`` when the map cell ``cell`` looks merged (``merged_ratio``), else None."""
         ratio = self.config.merged_ratio
         if ratio is None:
             return None
-        _, regions = self.cell_map(window)
-        areas = np.bincount(regions.ravel())[1:]
-        areas = areas[areas > 0]
+        areas = self._map_cell_areas(window)
         if len(areas) < 3 or cell.sum() <= ratio * float(np.median(areas)):
             return None
         return self._typical_box(centre, window, always=True)
@@ -1575,9 +1579,7 @@ class InteractiveSegmenter:
         """A box of the window's typical map-cell size centred on ``centre`` (``missed_click="box"``), or None."""
         if self.config.missed_click != "box" and not always:
             return None
-        _, regions = self.cell_map(window)
-        areas = np.bincount(regions.ravel())[1:]
-        areas = areas[areas > 0]
+        areas = self._map_cell_areas(window)
         if not len(areas):
             return None
         half = TYPICAL_BOX_GROWTH * np.sqrt(4.0 * float(np.median(areas)) / np.pi) / 2.0
