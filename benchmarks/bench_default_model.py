@@ -194,6 +194,9 @@ def markdown(summary: dict, modes: list[str]) -> str:
 
 
 def main(argv=None) -> int:
+    from napari_cellseg._commands.predict import merged_ratio_argument
+    from napari_cellseg.core.interactive import AnnotationConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["cellseg", "litemedsam"])
     p.add_argument("--usiigaci", default="36,38,40,42,44", help="validation sets (comma separated)")
@@ -225,8 +228,8 @@ def main(argv=None) -> int:
                         "(DistanceConfig.zoom_views, test-time augmentation)")
     p.add_argument("--map-zoom-views", type=float, nargs="*", default=[],
                    help="clicks: extra zooms whose click maps are averaged in (AnnotationConfig.map_zoom_views)")
-    p.add_argument("--merged-ratio", default=None,
-                   help="clicks: AnnotationConfig.merged_ratio (a number, or 'none'; default: the config's)")
+    p.add_argument("--merged-ratio", type=merged_ratio_argument, default=AnnotationConfig().merged_ratio,
+                   help="clicks: AnnotationConfig.merged_ratio (a number above 1, or 'none'; default: the config's)")
     p.add_argument("--click-point", choices=["auto", "yes", "no"], default="auto",
                    help="clicks: send the click's point with its box (AnnotationConfig.click_point; auto: when "
                         "the box head was trained with clicks)")
@@ -244,9 +247,8 @@ def main(argv=None) -> int:
     auto.PROMPTS_FOLLOW_PRECISION = args.prompt_decoder == "auto"
     items = (selection_images() if args.selection
              else validation_images([int(x) for x in args.usiigaci.split(",") if x], args.dsb_per_kind))
-    extra = {"click_point": {"auto": None, "yes": True, "no": False}[args.click_point]}
-    if args.merged_ratio is not None:
-        extra["merged_ratio"] = None if args.merged_ratio.lower() == "none" else float(args.merged_ratio)
+    extra = {"click_point": {"auto": None, "yes": True, "no": False}[args.click_point],
+             "merged_ratio": args.merged_ratio}
     rows = []
     for name in args.models:
         model = load_model(name, device="cpu")

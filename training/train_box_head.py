@@ -166,16 +166,15 @@ def _jittered(box: np.ndarray, rows: int, cols: int, copies: int, rng) -> np.nda
 
 def click_point(target: np.ndarray, rng, top: float = 0.2) -> tuple[float, float] | None:
     """A click on the cell ``target`` (bool, model pixels): a random pixel among the ``top`` fraction of its
-    distance transform (CellSeg1's rule), as model (x, y) at the pixel centre; None for an empty target."""
-    from scipy import ndimage as ndi
+    distance transform (CellSeg1's rule, :func:`napari_cellseg.core.finetune.top_fraction_points`, as the
+    prompt recipe samples them), as model (x, y) at the pixel centre; None for an empty target."""
+    from napari_cellseg.core.finetune import top_fraction_points
 
-    dist = ndi.distance_transform_edt(np.pad(target, 1))[1:-1, 1:-1]
-    inside = dist[dist > 0]
-    if not inside.size:
+    pts = top_fraction_points(target, top)
+    if not len(pts):
         return None
-    rr, cc = np.nonzero(dist >= np.quantile(inside, 1.0 - top))
-    k = int(rng.integers(len(rr)))
-    return float(cc[k]) + 0.5, float(rr[k]) + 0.5
+    r, c = pts[int(rng.integers(len(pts)))]
+    return float(c) + 0.5, float(r) + 0.5
 
 
 def _grown_box(box: np.ndarray, rows: int, cols: int, rng) -> np.ndarray:
