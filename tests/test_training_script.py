@@ -98,7 +98,7 @@ def test_box_head_package_adds_the_box_decoder_in_float16_and_a_new_checksum(tmp
     path.with_suffix(".json").write_text(json.dumps({"name": "cellseg", "base": "litemedsam",
                                                      "prompt_pathway": "base (the prompts answer as the base does)"}))
     state = {"iou_token.weight": torch.randn(1, 8), "mask_tokens.weight": torch.randn(4, 8)}
-    sha = train_box_head.package(tmp_path, state, -1.0, {"windows": 10})
+    sha = train_box_head.package(tmp_path, state, -1.0, {"windows": 10}, click_threshold=0.5)
     tensors = safetensors_torch.load_file(str(path))
     assert set(tensors) == {"s0.full.distance_decoder.x", "s0.full.box_decoder.iou_token.weight",
                             "s0.full.box_decoder.mask_tokens.weight"}  # an earlier box decoder is replaced
@@ -107,6 +107,7 @@ def test_box_head_package_adds_the_box_decoder_in_float16_and_a_new_checksum(tmp
                                state["mask_tokens.weight"].half().float())
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["sha256"] == sha == file_hash(path) and meta["box_mask_threshold"] == -1.0
+    assert meta["click_mask_threshold"] == 0.5
     assert meta["box_head"] == {"windows": 10} and meta["prompt_pathway"].startswith("base for points")
 
     rng = np.random.default_rng(0)

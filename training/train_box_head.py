@@ -29,6 +29,12 @@ about 32 minutes with the embedding, which a second run reuses)::
         --init-from src/napari_cellseg/models/cellseg.safetensors --out OUT
 
 with OUT holding a copy of the packaged model; copy OUT's files into ``src/napari_cellseg/models``.
+
+Each run also chooses the mask threshold of clicks (``meta["click_mask_threshold"]``: the annotation mode's
+clicks, drawn from their map cell's box, on the selection images). To choose both thresholds again for the
+packaged model without training (about 4 minutes; only its JSON changes, not its tensors or sha256)::
+
+    python training/train_box_head.py --thresholds-only --threads 2
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ GRID = 64  # its embedding grid
 JITTER = (-0.05, 0.15)
 GROWN_MAX = 0.6  # a click's grown box: each side pushed out by up to this fraction of the box size
 THRESHOLDS = (-2.0, -1.0, 0.0)
+#: mask thresholds tried for clicks: the annotation mode draws a click from its map cell's box (grown by 10 %, on
+#: a map cell that is itself often a little large), looser than a user's box, so clicks get their own threshold
+CLICK_THRESHOLDS = (-1.0, -0.5, 0.0, 0.5, 1.0)
 
 
 def training_images(seed: int = 1) -> list[tuple[str, object, int]]:
@@ -319,8 +328,30 @@ def with_box_decoder(model, state: dict):
     return model
 
 
-def choose_threshold(state: dict, cells: int = 10) -> tuple[float, dict]:
-    """Mean box IoU on the selection images at each of :data:`THRESHOLDS`; the best threshold."""
+def _iou(obj, ref: np.ndarray) -> float:
+    m = obj.to_full(ref.shape)
+    union = np.logical_or(m, ref).sum()
+    return float(np.logical_and(m, ref).sum() / union) if union else 0.0
+
+
+def _best(scores: dict[float, dict[str, list[float]]], what: str) -> tuple[float, dict]:
+    """The threshold with the best mean IoU over the image kinds (so the many fluorescence images do not decide
+    alone), and the table of mean IoUs per threshold and kind."""
+    table = {t: {k: round(float(np.mean(v)), 4) for k, v in d.items()} for t, d in scores.items()}
+    for t in table:
+        table[t]["mean_over_kinds"] = round(float(np.mean([v for v in table[t].values()])), 4)
+    best = max(table, key=lambda t: table[t]["mean_over_kinds"])
+    for t in table:
+        print(f"{what} mask threshold {t:+.1f}: " + ", ".join(f"{k} {v:.3f}" for k, v in table[t].items()),
+              flush=True)
+    return best, {str(t): v for t, v in table.items()}
+
+
+def choose_thresholds(state: dict, cells: int = 10) -> tuple[float, dict, float, dict]:
+    """Mean IoU on the selection images of one box per cell at each of :data:`THRESHOLDS` and of one click per
+    cell at each of :data:`CLICK_THRESHOLDS` (the annotation mode's clicks: the map cell's box with the click,
+    the benchmark's clicks at the cell's innermost pixel); the best box threshold and its table, the best click
+    threshold and its table."""
     from bench_default_model import load, sample_cells, selection_images
 
     from napari_cellseg.core.interactive import (
@@ -331,30 +362,44 @@ def choose_threshold(state: dict, cells: int = 10) -> tuple[float, dict]:
     from napari_cellseg.core.models import load_model
 
     model = with_box_decoder(load_model("cellseg", device="cpu").with_precision(None), state)
-    scores: dict[float, dict[str, list[float]]] = {t: {} for t in THRESHOLDS}
+    boxes: dict[float, dict[str, list[float]]] = {t: {} for t in THRESHOLDS}
+    clicks: dict[float, dict[str, list[float]]] = {t: {} for t in CLICK_THRESHOLDS}
     for item in selection_images():
         image, labels = load(item)
         picked = sample_cells(labels, cells, np.random.default_rng(0))
         seg = InteractiveSegmenter(model, config=AnnotationConfig())
         seg.set_image(image)
-        for t in THRESHOLDS:
-            seg.config.mask_threshold = t
-            objs = seg.segment_many([ObjectPrompt(box=box) for _, _, box in picked])
-            for (i, _, _), obj in zip(picked, objs):
-                ref = labels == i
-                m = obj.to_full(labels.shape)
-                union = np.logical_or(m, ref).sum()
-                scores[t].setdefault(item["kind"], []).append(float(np.logical_and(m, ref).sum() / union))
-    table = {t: {k: round(float(np.mean(v)), 4) for k, v in d.items()} for t, d in scores.items()}
-    for t in table:  # the mean over the kinds, so the many fluorescence images do not decide alone
-        table[t]["mean_over_kinds"] = round(float(np.mean([v for v in table[t].values()])), 4)
-    best = max(THRESHOLDS, key=lambda t: table[t]["mean_over_kinds"])
-    for t in THRESHOLDS:
-        print(f"box mask threshold {t:+.0f}: " + ", ".join(f"{k} {v:.3f}" for k, v in table[t].items()), flush=True)
-    return best, {str(t): v for t, v in table.items()}
+        guided = seg.guide_clicks([ObjectPrompt(points=[pt]) for _, pt, _ in picked])
+        for table, thresholds, prompts in ((boxes, THRESHOLDS, [ObjectPrompt(box=box) for _, _, box in picked]),
+                                           (clicks, CLICK_THRESHOLDS, guided)):
+            for t in thresholds:
+                seg.config.mask_threshold = t
+                for (i, _, _), obj in zip(picked, seg.segment_many(prompts)):
+                    table[t].setdefault(item["kind"], []).append(_iou(obj, labels == i))
+    box_best, box_table = _best(boxes, "box")
+    click_best, click_table = _best(clicks, "click")
+    return box_best, box_table, click_best, click_table
 
 
-def package(out: Path, state: dict, threshold: float, record: dict, name: str = "cellseg") -> str:
+def rechoose_thresholds(out: Path, name: str = "cellseg") -> None:
+    """Choose the box and click thresholds of the packaged model in ``out`` again and write them into its JSON
+    (the tensors, and so the sha256, are unchanged)."""
+    from train_default_model import _write_meta
+
+    path = out / f"{name}.safetensors"
+    box_best, box_table, click_best, click_table = choose_thresholds(box_head_state(path))
+    js = path.with_suffix(".json")
+    meta = json.loads(js.read_text())
+    meta["box_mask_threshold"], meta["click_mask_threshold"] = float(box_best), float(click_best)
+    meta.setdefault("box_head", {})["selection_box_iou"] = box_table
+    meta["box_head"]["selection_click_iou"] = click_table
+    _write_meta(js, meta)
+    print(f"box mask threshold {box_best:+.1f}, click mask threshold {click_best:+.1f}; written to {js}",
+          flush=True)
+
+
+def package(out: Path, state: dict, threshold: float, record: dict, name: str = "cellseg",
+            click_threshold: float | None = None) -> str:
     """Add the box decoder (float16) to the packaged adapter in ``out``; return its new sha256."""
     from safetensors.torch import load_file
     from train_default_model import write_package
@@ -367,6 +412,7 @@ def package(out: Path, state: dict, threshold: float, record: dict, name: str = 
         tensors[f"{stage}.full.box_decoder.{k}"] = v.half().contiguous() if v.is_floating_point() else v
     meta = json.loads(js.read_text())
     meta["box_mask_threshold"] = float(threshold)
+    meta["click_mask_threshold"] = None if click_threshold is None else float(click_threshold)
     meta["prompt_pathway"] = ("base for points and the grid; boxes: the model's own box decoder (box_decoder, "
                               "trained by training/train_box_head.py)")
     meta["box_head"] = record
@@ -389,6 +435,9 @@ def main(argv=None) -> int:
     p.add_argument("--init-from", default=None,
                    help="a packaged model (.safetensors) whose box head training starts from (default: "
                         "LiteMedSAM's decoder)")
+    p.add_argument("--thresholds-only", action="store_true",
+                   help="only choose the box and click mask thresholds of the packaged model in --out again, on "
+                        "the selection images, and write them into its JSON (the tensors stay)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     datasets.require_data()
@@ -396,6 +445,9 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.thresholds_only:
+        rechoose_thresholds(Path(args.out))
+        return 0
     work = Path(args.work)
     t0 = time.time()
     n = embed_windows(work, args.windows)
@@ -403,16 +455,17 @@ def main(argv=None) -> int:
     print(f"{n} windows embedded ({embed_s / 60:.1f} minutes)", flush=True)
     init = box_head_state(Path(args.init_from)) if args.init_from else None
     trained = train_decoder(work, args.minutes, args.lr, args.seed, clicks=args.clicks, init=init)
-    threshold, table = choose_threshold(trained["decoder"])
+    threshold, table, click_threshold, click_table = choose_thresholds(trained["decoder"])
     record = {"windows": n, "steps": trained["steps"], "training_seconds": trained["seconds"], "lr": args.lr,
               "jitter": list(JITTER), "clicks": args.clicks, "grown_max": GROWN_MAX if args.clicks else None,
               "init_from": Path(args.init_from).name if args.init_from else "litemedsam",
               "cells_per_image": CELLS_PER_IMAGE, "final_training_iou": trained["final_training_iou"],
-              "selection_box_iou": table,
+              "selection_box_iou": table, "selection_click_iou": click_table,
               "init_record": init_record(Path(args.init_from)) if args.init_from else None,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    sha = package(Path(args.out), trained["decoder"], threshold, record)
-    print(f"box mask threshold {threshold:+.0f}; packaged in {args.out}; sha256 {sha}", flush=True)
+    sha = package(Path(args.out), trained["decoder"], threshold, record, click_threshold=click_threshold)
+    print(f"box mask threshold {threshold:+.1f}, click mask threshold {click_threshold:+.1f}; packaged in "
+          f"{args.out}; sha256 {sha}", flush=True)
     return 0
 
 

@@ -175,6 +175,10 @@ def test_clicks_with_the_default_model_are_answered_from_its_cell_map(tmp_path, 
             m, g = labels == k, gt == r.label
             ious.append((m & g).sum() / (m | g).sum())
         mean_iou[bool(flag)] = float(np.mean(ious))
+        printed = capsys.readouterr().out
+        # map clicks are drawn by the box head with the model's own click threshold, which the line reports
+        click = models.load_model(models.DEFAULT_MODEL, device="cpu").meta["click_mask_threshold"]
+        assert (f", clicks {click:g})" in printed) == (not flag), printed
     assert mean_iou[False] > 0.7 and mean_iou[False] > mean_iou[True] + 0.2, mean_iou
 
 

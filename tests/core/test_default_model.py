@@ -123,6 +123,10 @@ def test_default_model_loads_strictly_and_answers_every_mode():
     assert {k.split(".")[0] for k in added} == {"distance_encoder", "distance_neck", "distance_decoder",
                                                  "distance_refiner", "box_decoder"}
     assert meta["box_mask_threshold"] == -1.0 and meta["box_head"]["windows"] > 1000
+    # the click threshold is the best of the selection-image search it records (train_box_head.py)
+    clicks = meta["box_head"]["selection_click_iou"]
+    best = max(clicks, key=lambda t: clicks[t]["mean_over_kinds"])
+    assert float(best) == meta["click_mask_threshold"] == 0.5
     # every stored full tensor lands on a parameter; the distance encoder is LiteMedSAM's with the LoRA merged in
     encoder = {k for k in added if k.startswith("distance_encoder.")}
     assert len(added - encoder) == len(tensors) - len(lora)

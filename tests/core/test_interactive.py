@@ -906,6 +906,39 @@ def test_a_click_goes_with_its_box_when_the_box_head_was_trained_with_clicks(map
     assert seg.guide_clicks([ObjectPrompt(points=[[60, 75]])])[0].points.shape == (0, 2)
 
 
+def test_clicks_drawn_by_the_box_head_use_its_click_threshold_and_boxes_keep_theirs(map_model, image):
+    """meta["click_mask_threshold"]: the box prompt the map makes of a click is thresholded with it, a user's
+    box with meta["box_mask_threshold"]; without it clicks take the box threshold; a given value applies to all."""
+    from napari_cellseg.core.box_head import attach_box_decoder
+    from napari_cellseg.core.interactive import resolve_mask_threshold
+
+    model, _ = map_model
+    box_decoder = attach_box_decoder(model.sam)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for p in box_decoder.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    model.meta.update(box_mask_threshold=-1.0)
+    assert resolve_mask_threshold(model, None, boxes=True, clicks=True) == -1.0  # no click threshold: the box's
+    model.meta.update(click_mask_threshold=0.0)
+    assert resolve_mask_threshold(model, None, boxes=True, clicks=True) == 0.0
+    assert resolve_mask_threshold(model, None, boxes=True) == -1.0
+    assert resolve_mask_threshold(model, 0.5, boxes=True, clicks=True) == 0.5  # the user's value wins
+    seg = InteractiveSegmenter(model, config=AnnotationConfig(invert=False))
+    seg.set_image(image)
+    assert (seg.box_mask_threshold, seg.click_mask_threshold) == (-1.0, 0.0)
+    (guided,) = seg.guide_clicks([ObjectPrompt(points=[[60, 75]])])
+    assert guided.from_click and guided.box is not None
+    user_box = ObjectPrompt(box=guided.box)
+    assert not user_box.from_click
+    # the same box answered twice: as the click's (threshold 0) and as a user's box (threshold -1)
+    click_obj, box_obj = seg.segment_many([ObjectPrompt(points=[[60, 75]]), user_box])
+    assert 0 < click_obj.area < box_obj.area
+    model.meta.update(click_mask_threshold=-1.0)
+    again, = seg.segment_many([ObjectPrompt(points=[[60, 75]])])
+    np.testing.assert_array_equal(again.to_full(image.shape), box_obj.to_full(image.shape))
+
+
 def test_map_clicks_segment_and_run_reports_the_map(map_model, image):
     model, calls = map_model
     seg = InteractiveSegmenter(model)

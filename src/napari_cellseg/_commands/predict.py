@@ -188,7 +188,10 @@ def run(args: argparse.Namespace) -> int:
     extra = f", {len(neg)} negative point{'s' if len(neg) > 1 else ''} each" if len(neg) else ""
     threshold = f"{segmenter.mask_threshold:g}"
     if segmenter.box_mask_threshold != segmenter.mask_threshold:  # a model with its own box decoder
-        threshold += f" (boxes {segmenter.box_mask_threshold:g})"
+        threshold += f" (boxes {segmenter.box_mask_threshold:g}"
+        if args.point and segmenter.map_guided() and segmenter.click_mask_threshold != segmenter.box_mask_threshold:
+            threshold += f", clicks {segmenter.click_mask_threshold:g}"
+        threshold += ")"
     print(f"{model.describe()}{' (default model)' if args.model is None else ''}, mask threshold "
           f"{threshold}{', zoom' if args.zoom else ''}: {len(prompts)} prompts "
           f"({' + '.join(kinds)}{extra}) -> {int((areas > 0).sum())} objects, mean area {areas.mean():.0f} px, "

@@ -268,7 +268,8 @@ class AnnotationWidget(QWidget):
         self.threshold_spin.setToolTip(
             "Mask logit threshold: lower gives larger masks. 'model default': SAM's 0, or -2 for zero-shot "
             "LiteMedSAM (measured on phase-contrast cells, see docs/annotation.md); boxes of the default model: "
-            "-1 (its box head's own). Changing it re-uses the cached embedding."
+            "-1, and clicks it draws from their map cell's box +0.5 (its box head's own). A value set here "
+            "applies to every prompt. Changing it re-uses the cached embedding."
         )
         self.threshold_spin.valueChanged.connect(self._on_settings_changed)
         self.map_scale_spin, self.map_auto_check, self._map_zoom_box = zoom_controls(

@@ -1464,7 +1464,7 @@ class Finetuner:
 
     def _setup(self):
         torch = _torch()
-        from .models import LoadedModel, get_entry, load_model, native_bfloat16, resolve_device
+        from .models import LoadedModel, load_model, native_bfloat16, resolve_device
 
         cfg = self.config
         base = self.base
@@ -1940,7 +1940,6 @@ class Finetuner:
         size = self.input_size
         aps = []
         preds = []
-        sam = self._sam
         with torch.no_grad():
             for i, pair in enumerate(self.validation.pairs):
                 tiles = [t for t in self.val_tiles if t["pair"] == i]
@@ -2122,7 +2121,7 @@ class Finetuner:
             meta["thresholds"] = dict(cfg.thresholds or inherited or DEFAULT_DISTANCE_THRESHOLDS)
         if cfg.recipe not in PROMPT_RECIPES:  # this stage did not train the prompt pathway
             # nor the base's box decoder, kept in its tensors
-            for key in ("prompt_pathway", "box_mask_threshold", "box_head"):
+            for key in ("prompt_pathway", "box_mask_threshold", "click_mask_threshold", "box_head"):
                 if prev.get(key) is not None:
                     meta[key] = prev[key]
         return meta
@@ -2443,7 +2442,7 @@ class Finetuner:
 #: adapter metadata copied onto the loaded model (``LoadedModel.meta``)
 _RUNTIME_META = ("base", "recipe", "output", "thresholds", "capabilities", "crop_size", "input_size", "metrics",
                  "created", "stages", "data", "config", "prompt_pathway", "cell_diameters", "box_mask_threshold",
-                 "box_head")
+                 "click_mask_threshold", "box_head")
 
 
 def _resample(arr: np.ndarray, size: int) -> np.ndarray:

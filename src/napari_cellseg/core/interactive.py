@@ -166,7 +166,10 @@ class AnnotationConfig:
         model's own default (``LoadedModel.meta["prompt_mask_threshold"]``,
         else :data:`PROMPT_MASK_THRESHOLDS` for its catalogue name, else SAM's 0;
         prompts with a box on a model with its own box decoder:
-        ``meta["box_mask_threshold"]``, see :mod:`~napari_cellseg.core.box_head`).
+        ``meta["box_mask_threshold"]``, see :mod:`~napari_cellseg.core.box_head`;
+        clicks drawn from their map cell's box by that decoder:
+        ``meta["click_mask_threshold"]``, else the box threshold). A value
+        given here applies to every prompt.
     max_memory_mb : float
         Memory budget of the in-memory embedding cache.
     disk_cache : bool
@@ -574,12 +577,18 @@ class ObjectPrompt:
         Set by :meth:`InteractiveSegmenter.guide_clicks` when the cell map
         itself answers the prompt (models that cannot draw from prompts); no
         decoder pass is made for it.
+    from_click : bool
+        Set by :meth:`InteractiveSegmenter.guide_clicks` on the box prompt it
+        makes of a click: its mask is thresholded with the model's click
+        threshold (``meta["click_mask_threshold"]``, see
+        :func:`resolve_mask_threshold`).
     """
 
     points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     labels: np.ndarray = field(default_factory=lambda: np.zeros((0,)))
     box: np.ndarray | None = None
     answer: ObjectMask | None = None
+    from_click: bool = False
 
     def __post_init__(self) -> None:
         self.points = np.asarray(self.points, float).reshape(-1, 2)
@@ -1051,12 +1060,16 @@ class EmbeddingCache:
             return None
 
 
-def resolve_mask_threshold(model: LoadedModel, value: float | None = None, boxes: bool = False) -> float:
+def resolve_mask_threshold(model: LoadedModel, value: float | None = None, boxes: bool = False,
+                           clicks: bool = False) -> float:
     """The mask threshold to use: ``value``, else the model's default (see ``AnnotationConfig.mask_threshold``).
 
     ``boxes``: for prompts with a box, which a model with its own box decoder
     (:mod:`~napari_cellseg.core.box_head`) answers with that decoder and its
-    own default, ``meta["box_mask_threshold"]``.
+    own default, ``meta["box_mask_threshold"]``. ``clicks`` (with ``boxes``):
+    for the box prompts the annotation mode makes of clicks from the cell map,
+    ``meta["click_mask_threshold"]`` where the model has one (chosen on
+    selection images by ``training/train_box_head.py``), else the box threshold.
     """
     if value is not None:
         return float(value)
@@ -1065,6 +1078,8 @@ def resolve_mask_threshold(model: LoadedModel, value: float | None = None, boxes
         from .box_head import get_box_decoder
 
         if get_box_decoder(model.sam) is not None:
+            if clicks and meta.get("click_mask_threshold") is not None:
+                return float(meta["click_mask_threshold"])
             return float(meta["box_mask_threshold"])
     if "prompt_mask_threshold" in meta:
         return float(meta["prompt_mask_threshold"])
@@ -1288,6 +1303,11 @@ class InteractiveSegmenter:
     def box_mask_threshold(self) -> float:
         """Logit threshold of prompts with a box (the box decoder's default where the model has one)."""
         return resolve_mask_threshold(self.model, self.config.mask_threshold, boxes=True)
+
+    @property
+    def click_mask_threshold(self) -> float:
+        """Logit threshold of clicks drawn from their map cell's box (see :func:`resolve_mask_threshold`)."""
+        return resolve_mask_threshold(self.model, self.config.mask_threshold, boxes=True, clicks=True)
 
     @property
     def min_window(self) -> int:
@@ -1537,7 +1557,8 @@ class InteractiveSegmenter:
                 if box is None:
                     out.append(p)
                 else:
-                    out.append(ObjectPrompt(points=p.points[negative], labels=p.labels[negative], box=box))
+                    out.append(ObjectPrompt(points=p.points[negative], labels=p.labels[negative], box=box,
+                                            from_click=True))
                 continue
             dmap, _ = self.cell_map(window)
             # the guided mode's box: grown by 10 % (at least 2 px), clipped to the window
@@ -1550,7 +1571,8 @@ class InteractiveSegmenter:
                 crop, off = _tight(cell, window.offset)
                 answer = ObjectMask(mask=crop, offset=off, score=float(dmap[cell].max()), window=window)
             keep = negative | (p.labels > 0) if self._click_point() else negative
-            out.append(ObjectPrompt(points=p.points[keep], labels=p.labels[keep], box=box, answer=answer))
+            out.append(ObjectPrompt(points=p.points[keep], labels=p.labels[keep], box=box, answer=answer,
+                                    from_click=True))
         return out
 
     def _click_point(self) -> bool:
@@ -1687,19 +1709,22 @@ class InteractiveSegmenter:
                 out[i] = replace(p.answer, prompt_index=i)
                 continue
             single = p.box is None and len(p.points) == 1
-            groups.setdefault((w, p.box is not None, single), []).append(i)
-        for (w, has_box, single), idx in groups.items():
+            groups.setdefault((w, p.box is not None, single, p.box is not None and p.from_click), []).append(i)
+        for (w, has_box, single, click), idx in groups.items():
             emb = self.embedding(w)
+            threshold = (self.click_mask_threshold if click else self.box_mask_threshold if has_box
+                         else self.mask_threshold)
             for start in range(0, len(idx), batch_size):
                 chunk = idx[start : start + batch_size]
                 for i, obj in zip(chunk, self._decode_group(emb, w, [prompts[i] for i in chunk],
-                                                            has_box, single, views)):
+                                                            has_box, single, views, threshold)):
                     obj.prompt_index = i
                     out[i] = obj
         return out  # type: ignore[return-value]
 
     def _decode_group(self, emb: Embedding, window: Window, prompts: list[ObjectPrompt], has_box: bool,
-                      single: bool, views: Sequence[int] = (0,)) -> list[ObjectMask]:
+                      single: bool, views: Sequence[int] = (0,), threshold: float | None = None
+                      ) -> list[ObjectMask]:
         import torch
 
         r0, c0 = window.offset
@@ -1737,7 +1762,9 @@ class InteractiveSegmenter:
                     logits = unview_tensor(logits, v)
             total = logits if total is None else total + logits
             score_sum = score_sum + np.asarray(scores)
-        masks = (total / len(views) > (self.box_mask_threshold if has_box else self.mask_threshold)).numpy()
+        if threshold is None:
+            threshold = self.box_mask_threshold if has_box else self.mask_threshold
+        masks = (total / len(views) > threshold).numpy()
         scores = score_sum / len(views)
         result = []
         for b in range(len(prompts)):
