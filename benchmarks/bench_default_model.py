@@ -140,12 +140,14 @@ def rule_zoom(model, image, labels) -> float:
     return cell_size.estimate_scale(labels, normalize_image(image), cell_size.model_cell_sizes(model.meta)).scale
 
 
-def automatic(model, image, labels, mode: str, scale: float = 1.0, zoom_views: tuple = ()) -> dict:
+def automatic(model, image, labels, mode: str, scale: float = 1.0, zoom_views: tuple = (),
+              small_cell_view: bool | None = None) -> dict:
     from napari_cellseg.core import automatic as auto
     from napari_cellseg.core.metrics import average_precision
 
     t = time.perf_counter()
-    config = auto.make_config(mode, model, **({} if mode == "grid" else {"scale": scale, "zoom_views": zoom_views}))
+    config = auto.make_config(mode, model, **({} if mode == "grid" else {
+        "scale": scale, "zoom_views": zoom_views, "small_cell_view": small_cell_view}))
     res = auto.segment(image, model, mode=mode, config=config)
     seconds = time.perf_counter() - t
     s50, s75 = average_precision(labels, res.labels, (0.5, 0.75))
@@ -226,6 +228,9 @@ def main(argv=None) -> int:
     p.add_argument("--zoom-views", type=float, nargs="*", default=[],
                    help="distance and guided modes: extra zooms (relative) whose maps are averaged in "
                         "(DistanceConfig.zoom_views, test-time augmentation)")
+    p.add_argument("--no-small-cell-view", dest="small_cell_view", action="store_false", default=None,
+                   help="distance and guided modes with --zoom auto: without the map at 1.25 x the zoom that cells "
+                        "below the model's training median get (DistanceConfig.small_cell_view, on by default)")
     p.add_argument("--map-zoom-views", type=float, nargs="*", default=[],
                    help="clicks: extra zooms whose click maps are averaged in (AnnotationConfig.map_zoom_views)")
     p.add_argument("--merged-ratio", type=merged_ratio_argument, default=AnnotationConfig().merged_ratio,
@@ -265,7 +270,8 @@ def main(argv=None) -> int:
                 if mode != "distance" and args.mode_images is not None and n_img % max(
                         1, len(items) // args.mode_images) != 0:
                     continue
-                r = automatic(model, image, labels, mode, zoom if mode != "grid" else 1.0, tuple(args.zoom_views))
+                r = automatic(model, image, labels, mode, zoom if mode != "grid" else 1.0, tuple(args.zoom_views),
+                              args.small_cell_view)
                 row[f"{mode}_ap50"], row[f"{mode}_ap75"] = r["ap50"], r["ap75"]
                 if "zoom" in r:
                     row[f"{mode}_zoom"] = r["zoom"]

@@ -456,6 +456,55 @@ def test_auto_scale_measures_again_after_each_zoom_and_stops_after_three_maps(di
     assert zooms == [1.0, 0.5, 0.33, view] and res.size_estimate.scale == 0.33
 
 
+def test_auto_scale_adds_a_zoomed_in_view_for_cells_below_the_training_median(distance_model, monkeypatch):
+    """small_cell_view (on in the defaults of a model that records its training cells' sizes): cells measured
+    below the training median of their kind, though within its 10th-90th percentiles (so the zoom stays), get a
+    second map at 1.25 times the zoom, averaged in; cells above it, or the option off, keep one map."""
+    from scipy import ndimage as ndi
+
+    shape = (300, 300)
+    centres = [(60 + 90 * i, 60 + 90 * j) for i in range(3) for j in range(3)]
+    diameter = {"px": 16}
+    zooms = []
+
+    def fake_map(image, model, config=None, channel=None, image01=None):
+        zooms.append(config.scale)
+        labels = np.zeros(shape, np.int32)
+        for k, c in enumerate(centres, start=1):
+            rr, cc = disk(c, diameter["px"] / 2, shape=shape)
+            labels[rr, cc] = k
+        dist = ndi.distance_transform_edt(labels > 0)
+        out = np.zeros(shape, np.float32)
+        for k in range(1, len(centres) + 1):
+            out[labels == k] = dist[labels == k] / dist[labels == k].max()
+        yield from ()
+        return out * (1.0 if config.scale == 1.0 else 0.5)  # the view's map differs: the average shows
+
+    monkeypatch.setattr(auto, "predict_distance_map", fake_map)
+    distance_model.meta["cell_diameters"] = {"fluorescence": {"p10": 10.0, "median": 20.0, "p90": 30.0}}
+    defaults = auto.model_distance_defaults(distance_model)
+    assert defaults["scale"] == "auto" and defaults["small_cell_view"] is True
+    image = np.full(shape, 0.02, np.float32)
+    image[::7, ::7] = 1.0  # a dark background: fluorescence
+    cfg = auto.DistanceConfig(**{**defaults, "fill": 0.01, "smooth": 0.0})
+    res = auto.segment(image, distance_model, "distance", cfg)
+    assert zooms == [1.0, auto.SMALL_CELL_VIEW] == [1.0, 1.25]
+    assert res.size_estimate.scale == 1.0 and res.n_cells == 9
+    assert "below the training median (20 px): also mapped at zoom 1.25 and averaged" in res.size_estimate.message
+    assert res.distance_map.max() == pytest.approx(0.75, abs=0.02)  # (1 + 0.5) / 2 at the centres
+    for setting, px in ((False, 16), (True, 24)):  # the option off, or cells above the median: one map
+        zooms.clear()
+        diameter["px"] = px
+        res = auto.segment(image, distance_model, "distance", cfg.updated(small_cell_view=setting))
+        assert zooms == [1.0] and "training median" not in res.size_estimate.message
+    # a numeric zoom measures nothing: no view
+    zooms.clear()
+    diameter["px"] = 16
+    auto.segment(image, distance_model, "distance", cfg.updated(scale=1.0))
+    assert zooms == [1.0]
+    assert auto.make_config("guided", distance_model, small_cell_view=False).distance.small_cell_view is False
+
+
 # ---------------------------------------------------------------------------
 # grid mode
 # ---------------------------------------------------------------------------

@@ -197,3 +197,18 @@ def test_zoom_views_reach_the_distance_configuration(tmp_path, monkeypatch, caps
     assert seen[0] == (1.25, 0.8)  # the segmentation's call; the views are then mapped plain
     assert main([*base, "--zoom-views", "5", "--out", str(tmp_path / "b")]) == 2
     assert "zoom_views must be zooms between 0.5 and 2" in capsys.readouterr().err
+
+
+def test_no_small_cell_view_reaches_the_distance_configuration(tmp_path, monkeypatch, capsys):
+    from napari_cellseg.core import automatic as auto
+
+    base, seen = _distance_run(tmp_path, monkeypatch, "small_cell_view")
+    real = auto.model_distance_defaults
+    # as for a model that records its training cells' sizes (the default model): on unless the flag says no
+    monkeypatch.setattr(auto, "model_distance_defaults", lambda model: {**real(model), "small_cell_view": True})
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
+    assert seen == [True]
+    assert main([*base, "--no-small-cell-view", "--out", str(tmp_path / "b")]) == 0, capsys.readouterr().err
+    assert seen == [True, False]
+    assert main([*base, "--mode", "grid", "--no-small-cell-view", "--out", str(tmp_path / "c")]) == 2
+    assert "grid mode has no setting small_cell_view" in capsys.readouterr().err

@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="test-time augmentation over zoom: also map the image at the zoom times each Z (0.5-2) "
                            "and average the maps, e.g. --zoom-views 1.25 (each view costs a map of its zoomed "
                            "pixels; see docs/automatic.md, 'Zoom views')")
+    dist.add_argument("--no-small-cell-view", dest="small_cell_view", action="store_false", default=None,
+                      help="with --scale auto (the default model's default): do not add the map at 1.25 times the "
+                           "zoom that cells below the model's training median get (DistanceConfig.small_cell_view)")
     dist.add_argument("--embed-window", type=int, default=None, metavar="PX",
                       help="embed neighbouring crops together in windows up to this side (704; 0: crop by crop; "
                            "default: 704 where the encoder runs in bfloat16 on a CPU, else 0; TinyViT models)")
@@ -92,6 +95,7 @@ def _settings(args: argparse.Namespace, mode: str) -> dict:
         "max_downscale": args.max_downscale, "views": args.views, "invert": args.invert,
         "embed_window": args.embed_window, "scale": args.scale,
         "zoom_views": tuple(args.zoom_views) if args.zoom_views else None,
+        "small_cell_view": args.small_cell_view,
     }
     if args.min_size is not None:
         given["min_area" if mode == "grid" else "min_size"] = args.min_size

@@ -225,7 +225,9 @@ class AutomaticWidget(QWidget):
             "Distance and guided modes: test-time augmentation over zoom (DistanceConfig.zoom_views): the image is "
             "also mapped at 1.25 times the zoom and the two maps are averaged. About 2.5 times the network time. "
             "Default model, validation images: phase contrast AP@0.5 +0.05, bright-field +0.02, fluorescent nuclei "
-            "level, stained colour tissue -0.01 (docs/automatic.md, 'Zoom views'). Press Run after changing it")
+            "level, stained colour tissue -0.01 (docs/automatic.md, 'Zoom views'). Unticked, the automatic zoom "
+            "still adds this view where the cells it measures are below the model's training median (phase "
+            "contrast cells under 54 px; the status line says so). Press Run after changing it")
         form.addRow("", self.zoom_views_check)
         self.sliders: dict[str, _FloatSlider] = {}
         self._slider_rows: dict[str, tuple[QLabel, _FloatSlider]] = {}
