@@ -411,11 +411,24 @@ def test_zoom_views_average_the_maps_at_the_extra_zooms(distance_model):
             auto.DistanceConfig(zoom_views=bad).validate()
 
 
+def _disk_cells_map(shape, centres, diameter: float) -> np.ndarray:
+    """A perfect normalised distance map of round cells of ``diameter`` px at ``centres``."""
+    from scipy import ndimage as ndi
+
+    labels = np.zeros(shape, np.int32)
+    for k, c in enumerate(centres, start=1):
+        rr, cc = disk(c, diameter / 2, shape=shape)
+        labels[rr, cc] = k
+    dist = ndi.distance_transform_edt(labels > 0)
+    out = np.zeros(shape, np.float32)
+    for k in range(1, len(centres) + 1):
+        out[labels == k] = dist[labels == k] / dist[labels == k].max()
+    return out
+
+
 def test_auto_scale_measures_again_after_each_zoom_and_stops_after_three_maps(distance_model, monkeypatch):
     """A model that splits large cells measures them too small at first: the auto zoom maps again at the zoom
     each measurement asks for, up to ``MAX_PASSES`` maps, and says when it stopped short."""
-    from scipy import ndimage as ndi
-
     from napari_cellseg.core import cell_size
 
     shape = (400, 400)
@@ -425,16 +438,8 @@ def test_auto_scale_measures_again_after_each_zoom_and_stops_after_three_maps(di
 
     def fake_map(image, model, config=None, channel=None, image01=None):
         zooms.append(config.scale)
-        labels = np.zeros(shape, np.int32)
-        for k, c in enumerate(centres, start=1):
-            rr, cc = disk(c, measured[config.scale] / 2, shape=shape)
-            labels[rr, cc] = k
-        dist = ndi.distance_transform_edt(labels > 0)
-        out = np.zeros(shape, np.float32)
-        for k in range(1, len(centres) + 1):
-            out[labels == k] = dist[labels == k] / dist[labels == k].max()
         yield from ()
-        return out
+        return _disk_cells_map(shape, centres, measured[config.scale])
 
     monkeypatch.setattr(auto, "predict_distance_map", fake_map)
     distance_model.meta["cell_diameters"] = {"fluorescence": {"p10": 18.0, "median": 20.0, "p90": 22.0}}
@@ -460,8 +465,6 @@ def test_auto_scale_adds_a_zoomed_in_view_for_cells_below_the_training_median(di
     """small_cell_view (on in the defaults of a model that records its training cells' sizes): cells measured
     below the training median of their kind, though within its 10th-90th percentiles (so the zoom stays), get a
     second map at 1.25 times the zoom, averaged in; cells above it, or the option off, keep one map."""
-    from scipy import ndimage as ndi
-
     shape = (300, 300)
     centres = [(60 + 90 * i, 60 + 90 * j) for i in range(3) for j in range(3)]
     diameter = {"px": 16}
@@ -469,16 +472,8 @@ def test_auto_scale_adds_a_zoomed_in_view_for_cells_below_the_training_median(di
 
     def fake_map(image, model, config=None, channel=None, image01=None):
         zooms.append(config.scale)
-        labels = np.zeros(shape, np.int32)
-        for k, c in enumerate(centres, start=1):
-            rr, cc = disk(c, diameter["px"] / 2, shape=shape)
-            labels[rr, cc] = k
-        dist = ndi.distance_transform_edt(labels > 0)
-        out = np.zeros(shape, np.float32)
-        for k in range(1, len(centres) + 1):
-            out[labels == k] = dist[labels == k] / dist[labels == k].max()
         yield from ()
-        return out * (1.0 if config.scale == 1.0 else 0.5)  # the view's map differs: the average shows
+        return _disk_cells_map(shape, centres, diameter["px"]) * (1.0 if config.scale == 1.0 else 0.5)  # the view's map differs: the average shows
 
     monkeypatch.setattr(auto, "predict_distance_map", fake_map)
     distance_model.meta["cell_diameters"] = {"fluorescence": {"p10": 10.0, "median": 20.0, "p90": 30.0}}
