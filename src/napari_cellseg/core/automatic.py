@@ -108,7 +108,7 @@ AUTO_SCALE = "auto"
 #: the zoom view ``DistanceConfig.small_cell_view`` adds (relative to the chosen zoom) for cells below the model's
 #: training median: on the selection and training phase-contrast images whose cells are smaller than the training
 #: median (38-48 px against 54), distance AP@0.5 rose 0.50 -> 0.55 (3 images) and 0.43 -> 0.50 (9 images); images
-#: of larger cells lost with it (0.86 -> 0.83 on 4), so they do not get it (docs/model_card.md, "Cell size and zoom")
+#: of larger cells lost with it (0.86 -> 0.83 on 4), so they do not get it (docs/automatic.md, "Zoom views")
 SMALL_CELL_VIEW = 1.25
 #: most pixels of a zoomed plane (``DistanceConfig.scale``): about 1.6 GB of image and map in float32
 MAX_ZOOMED_PIXELS = 100_000_000
